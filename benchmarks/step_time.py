@@ -1,0 +1,182 @@
+"""Time one training step (forward, backward, optimizer) per mode against plain backprop.
+
+Every variant trains a copy of the same model on the same batch in the same
+process; timings are interleaved in rounds and the median is kept. Prints the
+step time and the ratio to backprop for bio_ext's modes, biotorch's
+implementation of the same mode (where biotorch has it) and a "floor": forward
+plus weight gradients with no input-gradient products at all.
+
+    python benchmarks/step_time.py                      # all models, all modes
+    python benchmarks/step_time.py --models mlp --modes dfa --rounds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable, Dict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bio_ext  # noqa: E402
+from _common import INPUTS, MODELS, clone, hardware, interleaved_medians  # noqa: E402
+
+MODES = ["bp", "fa", "dfa", "usf", "brsf", "frsf"]
+BIOTORCH_MODES = {"fa", "dfa", "usf", "brsf", "frsf"}
+
+
+# ---------------------------------------------------------------- the floor: no input-gradient products
+class _FloorLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x)
+        ctx.shape = x.shape
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        gx = g.new_zeros(()).expand(ctx.shape) if ctx.needs_input_grad[0] else None
+        return gx, g.t().mm(x), g.sum(0)
+
+
+class _FloorConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, stride, padding):
+        ctx.save_for_backward(x, w)
+        ctx.geom = (stride, padding)
+        return F.conv2d(x, w, b, stride, padding)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        stride, padding = ctx.geom
+        _, gw, gb = torch.ops.aten.convolution_backward(g, x, w, [w.shape[0]], stride, padding, (1, 1), False,
+                                                        [0, 0], 1, (False, True, True))
+        gx = g.new_zeros(()).expand(x.shape) if ctx.needs_input_grad[0] else None
+        return gx, gw, gb, None, None
+
+
+class _Floor(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        m = self.m
+        if isinstance(m, nn.Linear):
+            return _FloorLinear.apply(x, m.weight, m.bias)
+        return _FloorConv.apply(x, m.weight, m.bias, m.stride, m.padding)
+
+
+def floor_model(model: nn.Module) -> nn.Module:
+    model = clone(model)
+    for name, m in list(model.named_modules()):
+        for cname, child in list(m.named_children()):
+            if type(child) in (nn.Linear, nn.Conv2d) and (not isinstance(child, nn.Conv2d) or
+                                                         (child.groups == 1 and child.bias is not None)):
+                setattr(m, cname, _Floor(child))
+    return model
+
+
+# ---------------------------------------------------------------- step functions
+def make_step(model: nn.Module, x, y, *, call: Callable = None) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = call(model, x, y, loss_fn) if call else model(x)
+        loss_fn(out, y).backward()
+        opt.step()
+
+    return step
+
+
+def biotorch_model(model: nn.Module, mode: str, out_dim: int):
+    from biotorch.module.biomodule import BioModule
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return BioModule(clone(model), mode=mode, output_dim=out_dim,
+                         layer_config={"type": mode, "options": {"init": "xavier", "constrain_weights": False,
+                                                                 "gradient_clip": False}})
+
+
+def biotorch_call(mode):
+    if mode == "dfa":
+        return lambda m, x, y, loss_fn: m(x, targets=y, loss_function=loss_fn)
+    return lambda m, x, y, loss_fn: m(x)
+
+
+def run(model_name: str, modes, *, rounds: int, per_round: int, warmup: int, device: torch.device,
+        with_biotorch: bool, with_floor: bool) -> Dict[str, float]:
+    torch.manual_seed(0)
+    base = MODELS[model_name]().to(device)
+    shape, batch = INPUTS[model_name]
+    x = torch.randn(batch, *shape, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    steps: Dict[str, Callable[[], None]] = {"backprop": make_step(clone(base), x, y)}
+    if with_floor:
+        steps["floor"] = make_step(floor_model(base), x, y)
+    for mode in modes:
+        steps[f"bio_ext {mode}"] = make_step(bio_ext.convert(base, mode), x, y)
+        if with_biotorch and mode in BIOTORCH_MODES:
+            try:
+                bt = biotorch_model(base, mode, 10).to(device)
+                fn = make_step(bt, x, y, call=biotorch_call(mode))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fn()
+                steps[f"biotorch {mode}"] = fn
+            except Exception as exc:  # biotorch is third-party: report, don't die
+                logging.warning("biotorch %s on %s failed: %s: %s", mode, model_name, type(exc).__name__, exc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return interleaved_medians(steps, rounds=rounds, per_round=per_round, warmup=warmup, device=device)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="mlp,cnn,resnet18")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--per-round", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-biotorch", action="store_true")
+    p.add_argument("--no-floor", action="store_true")
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device(args.device)
+    modes = [m for m in args.modes.split(",") if m]
+    results = {}
+    print(f"# step_time: {datetime.date.today()} on {hardware()}")
+    for model_name in args.models.split(","):
+        shape, batch = INPUTS[model_name]
+        times = run(model_name, modes, rounds=args.rounds, per_round=args.per_round, warmup=args.warmup,
+                    device=device, with_biotorch=not args.no_biotorch, with_floor=not args.no_floor)
+        bp = times["backprop"]
+        print(f"\n## {model_name}, batch {batch}, input {shape}\n")
+        print("| variant | ms/step | ratio to backprop |\n|---|---:|---:|")
+        for name, t in times.items():
+            print(f"| {name} | {t * 1e3:.1f} | {t / bp:.3f} |")
+        results[model_name] = {k: {"ms": v * 1e3, "ratio": v / bp} for k, v in times.items()}
+    if args.json:
+        Path(args.json).write_text(json.dumps({"hardware": hardware(), "date": str(datetime.date.today()),
+                                               "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

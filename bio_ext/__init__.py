@@ -1,0 +1,25 @@
+"""bio_ext: backprop-free training (FA, DFA and relatives) as a one-line change.
+
+    import bio_ext
+    model = bio_ext.convert(model, mode="dfa")
+    # the training loop stays as it was
+"""
+
+from . import errors
+from .config import ConvertConfig
+from .convert import convert, feedback_layers, is_converted, register_layer, revert
+from .errors import (AlreadyConvertedError, BioExtError, ConfigError, ConversionError, FeedbackSignalError,
+                     NothingToConvertError, OutputDimError, OutputTypeError, UnknownModeError,
+                     UnsupportedModuleError)
+from .layers import FeedbackConv2d, FeedbackLayer, FeedbackLinear
+from .modes import FeedbackRule, available_modes, get_mode, register_mode
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "convert", "revert", "is_converted", "feedback_layers", "register_layer", "register_mode",
+    "available_modes", "get_mode", "FeedbackRule", "ConvertConfig", "FeedbackLayer", "FeedbackLinear",
+    "FeedbackConv2d", "errors", "BioExtError", "ConfigError", "UnknownModeError", "ConversionError",
+    "AlreadyConvertedError", "NothingToConvertError", "OutputDimError", "UnsupportedModuleError",
+    "OutputTypeError", "FeedbackSignalError",
+]

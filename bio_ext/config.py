@@ -1,0 +1,124 @@
+"""Frozen, validated configuration of a conversion; round-trips to dicts and YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+from .errors import ConfigError, UnknownModeError
+from .modes import INIT_SCHEMES, _MODES
+
+CONV_ERROR = ("norm", "mean", "sum")
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """Everything :func:`bio_ext.convert` needs besides the model.
+
+    Attributes:
+        mode: a registered mode (see :func:`bio_ext.available_modes`).
+        output_dim: size of the model output's last dimension, for direct modes;
+            inferred from the model's last Linear/Conv1D when None.
+        init: feedback initialisation: ``kaiming`` (PyTorch's own default for the
+            layer type), ``xavier`` or ``normal`` (std ``1/sqrt(fan_in)``).
+        scale: multiplies the feedback's initial standard deviation.
+        conv_error: how direct feedback spreads the error over a convolution's output
+            grid: ``norm`` (``e / sqrt(H_out W_out)`` at every position, so the spread
+            error keeps the norm of ``e``), ``mean`` (``e / (H_out W_out)``, the adjoint of
+            global average pooling) or ``sum`` (``e`` everywhere, as biotorch does).
+        output_layer: qualified name of the layer whose output is the model output the
+            error ``e`` is taken at (default: the last Linear/Conv1D registered in the
+            model, e.g. ``fc`` or ``lm_head``); ``""`` taps the root module's return value
+            instead. Tapping the output layer lets a loss computed inside ``forward``
+            (transformers' ``labels=``) still deliver ``e``.
+        include / exclude: glob patterns on qualified module names (``"features.*"``)
+            selecting / skipping layers; an excluded module's whole subtree is skipped.
+        include_types / exclude_types: class names (``"Linear"`` or
+            ``"torch.nn.modules.linear.Linear"``) selecting / skipping layers by type.
+        seed: seeds the feedback initialisation (None: torch's global RNG).
+        output_key: where the output tensor is in a tuple (int) or dict/ModelOutput
+            (str) output; default ``logits`` for mappings, first tensor for tuples.
+        options: mode-specific options.
+    """
+
+    mode: str = "dfa"
+    output_dim: Optional[int] = None
+    init: str = "kaiming"
+    scale: float = 1.0
+    conv_error: str = "norm"
+    include: Tuple[str, ...] = ()
+    exclude: Tuple[str, ...] = ()
+    include_types: Tuple[str, ...] = ()
+    exclude_types: Tuple[str, ...] = ()
+    seed: Optional[int] = None
+    output_key: Optional[Union[str, int]] = None
+    output_layer: Optional[str] = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("include", "exclude", "include_types", "exclude_types"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            object.__setattr__(self, name, tuple(value) if value is not None else ())
+        object.__setattr__(self, "options", dict(self.options or {}))
+        problems = []
+        if not isinstance(self.mode, str) or self.mode not in _MODES:
+            if len(self.validate_rest()) == 0:
+                raise UnknownModeError(self.mode, _MODES)
+            problems.append(f"mode: unknown mode {self.mode!r}; valid modes are: {', '.join(sorted(_MODES))}")
+        problems.extend(self.validate_rest())
+        if problems:
+            raise ConfigError(problems, what="bio_ext configuration")
+
+    def validate_rest(self):
+        problems = []
+        if self.output_dim is not None and (isinstance(self.output_dim, bool) or not isinstance(self.output_dim, int)
+                                            or self.output_dim < 1):
+            problems.append(f"output_dim: must be a positive int or None, got {self.output_dim!r}")
+        if self.init not in INIT_SCHEMES:
+            problems.append(f"init: {self.init!r} is not one of {', '.join(INIT_SCHEMES)}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not self.scale > 0:
+            problems.append(f"scale: must be a positive number, got {self.scale!r}")
+        if self.conv_error not in CONV_ERROR:
+            problems.append(f"conv_error: {self.conv_error!r} is not one of {', '.join(CONV_ERROR)}")
+        for name in ("include", "exclude", "include_types", "exclude_types"):
+            bad = [v for v in getattr(self, name) if not isinstance(v, str)]
+            if bad:
+                problems.append(f"{name}: entries must be strings, got {bad!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            problems.append(f"seed: must be an int or None, got {self.seed!r}")
+        if self.output_layer is not None and not isinstance(self.output_layer, str):
+            problems.append(f"output_layer: must be a module name (str) or None, got {self.output_layer!r}")
+        if self.output_key is not None and not isinstance(self.output_key, (str, int)):
+            problems.append(f"output_key: must be a str, an int or None, got {self.output_key!r}")
+        return problems
+
+    # ------------------------------------------------------------------ round trips
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for name in ("include", "exclude", "include_types", "exclude_types"):
+            d[name] = list(d[name])
+        d["options"] = dict(self.options)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ConvertConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError([f"expected a mapping, got {type(data).__name__}"], what="bio_ext configuration")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError([f"{k}: unknown key; valid keys are {', '.join(sorted(known))}" for k in unknown],
+                              what="bio_ext configuration")
+        return cls(**dict(data))
+
+    def to_yaml(self) -> str:
+        import yaml
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "ConvertConfig":
+        import yaml
+        return cls.from_dict(yaml.safe_load(text) or {})

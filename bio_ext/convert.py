@@ -1,0 +1,410 @@
+"""convert() and revert(): swap layers for feedback-aware ones and back.
+
+Layer types are handled by functions registered with :func:`register_layer`
+(one handler per type). Conversion plans everything first and only then swaps,
+so a failed conversion leaves the caller's model untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+
+from .config import ConvertConfig
+from .errors import (AlreadyConvertedError, ConversionError, NothingToConvertError, OutputDimError, OutputTypeError,
+                     UnsupportedModuleError)
+from .layers import FeedbackConv2d, FeedbackLayer, FeedbackLinear
+from .modes import ModeSpec, get_mode
+from .session import ErrorTap, FeedbackBank, FeedbackSession, _set_session, output_hook, remove_hooks
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[nn.Module, ModeSpec], FeedbackLayer]
+_HANDLERS: Dict[type, Handler] = {}
+_OUTPUT_SIZE: Dict[type, Callable[[nn.Module], int]] = {}
+
+#: modules whose forward does not call their children, so converting the children would change nothing
+_REFUSED: Dict[type, str] = {
+    nn.MultiheadAttention: "its forward runs a functional attention path that never calls the swapped "
+                           "projection layers",
+}
+
+
+def register_layer(*types: type, output_size: Optional[Callable[[nn.Module], int]] = None):
+    """Decorator registering the handler that converts modules of exactly these types."""
+
+    def deco(fn: Handler) -> Handler:
+        for t in types:
+            _HANDLERS[t] = fn
+            if output_size is not None:
+                _OUTPUT_SIZE[t] = output_size
+        return fn
+
+    return deco
+
+
+@register_layer(nn.Linear, output_size=lambda m: m.out_features)
+def _convert_linear(module: nn.Module, mode: ModeSpec) -> FeedbackLayer:
+    return FeedbackLinear(module, mode)
+
+
+@register_layer(nn.Conv2d)
+def _convert_conv2d(module: nn.Module, mode: ModeSpec) -> FeedbackLayer:
+    return FeedbackConv2d(module, mode)
+
+
+def _register_transformers() -> None:
+    mod = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(mod, "Conv1D", None) if mod is not None else None
+    if conv1d is not None and conv1d not in _HANDLERS:
+        register_layer(conv1d, output_size=lambda m: m.weight.shape[1])(
+            lambda module, mode: FeedbackLinear(module, mode, transposed=True))
+
+
+def _handler_for(module: nn.Module) -> Optional[Handler]:
+    """The handler of the module's exact type, or of a base type whose forward it does not override."""
+    t = type(module)
+    if t in _HANDLERS:
+        return _HANDLERS[t]
+    for base in t.__mro__[1:]:
+        if base in _HANDLERS:
+            return _HANDLERS[base] if t.forward is base.forward else None
+    return None
+
+
+def _refusal(module: nn.Module) -> Optional[str]:
+    for t, why in _REFUSED.items():
+        if isinstance(module, t):
+            return why
+    return None
+
+
+# --------------------------------------------------------------------------- root state and hooks
+
+
+@dataclass
+class BioExtState:
+    """Kept on the converted root module as ``model._bio_ext``."""
+
+    config: ConvertConfig
+    mode: ModeSpec
+    output_dim: Optional[int]
+    layer_names: List[str]
+    output_layer: Optional[str] = None
+    bank: FeedbackBank = field(default_factory=FeedbackBank)
+    stack: List[Any] = field(default_factory=list)
+
+    def __deepcopy__(self, memo):
+        return BioExtState(self.config, self.mode, self.output_dim, list(self.layer_names), self.output_layer)
+
+    def __getstate__(self):
+        return {"config": self.config.to_dict(), "mode": self.mode.name, "output_dim": self.output_dim,
+                "layer_names": self.layer_names, "output_layer": self.output_layer}
+
+    def __setstate__(self, s):
+        self.__init__(ConvertConfig.from_dict(s["config"]), get_mode(s["mode"]), s["output_dim"],
+                      s["layer_names"], s["output_layer"])
+
+
+def _state(model: nn.Module) -> Optional[BioExtState]:
+    return model.__dict__.get("_bio_ext")
+
+
+def _root_pre_hook(module: nn.Module, args):
+    state = _state(module)
+    if state is None:
+        return None
+    session = FeedbackSession(state.bank, state.output_dim) if torch.is_grad_enabled() else None
+    state.stack.append(_set_session(session))
+    state.stack.append(session)
+    return None
+
+
+def _root_hook(module: nn.Module, args, output):
+    state = _state(module)
+    if state is None or not state.stack:
+        return None
+    state.stack.pop()
+    _set_session(state.stack.pop())
+    return None
+
+
+def find_output(output: Any, key: Optional[Union[str, int]] = None) -> Tuple[torch.Tensor, Callable]:
+    """Locate the output tensor in a model's return value.
+
+    Returns the tensor and a function that puts a replacement back in its place.
+    Tensors are used as they are; tuples/lists use ``key`` (an index, default the
+    first tensor); mappings and transformers ``ModelOutput`` use ``key`` (default
+    ``"logits"``).
+    """
+    if isinstance(output, torch.Tensor):
+        return output, lambda t: t
+    if isinstance(output, Mapping):
+        k = "logits" if key is None else key
+        value = output.get(k) if isinstance(k, str) else None
+        if not isinstance(value, torch.Tensor):
+            raise OutputTypeError(
+                f"the model returned a {type(output).__name__} without a tensor under {k!r} (keys: "
+                f"{list(output.keys())}); pass output_key='<key of the output tensor>' to convert()")
+
+        def put(t, output=output, k=k):
+            if hasattr(output, "__dataclass_fields__") and hasattr(output, k):  # transformers ModelOutput
+                setattr(output, k, t)
+            else:
+                output[k] = t
+            return output
+
+        return value, put
+    if isinstance(output, (tuple, list)):
+        if key is None:
+            idx = next((i for i, v in enumerate(output) if isinstance(v, torch.Tensor)), None)
+        else:
+            idx = key if isinstance(key, int) and -len(output) <= key < len(output) else None
+        if idx is None or not isinstance(output[idx], torch.Tensor):
+            raise OutputTypeError(
+                f"the model returned a {type(output).__name__} with no tensor at {key!r}; pass "
+                "output_key=<index of the output tensor> to convert()")
+
+        def put(t, output=output, idx=idx):
+            items = list(output)
+            items[idx] = t
+            if isinstance(output, list):
+                return items
+            return type(output)(*items) if hasattr(output, "_fields") else tuple(items)
+
+        return output[idx], put
+    raise OutputTypeError(
+        f"the model returned {type(output).__name__}; bio_ext finds the output error on a tensor, a "
+        "tuple/list, a dict or a transformers ModelOutput. Return one of those from forward().")
+
+
+def tap_output(output: Any, session: FeedbackSession, output_dim: int, key=None) -> Any:
+    tensor, put = find_output(output, key)
+    if tensor.dim() == 0 or tensor.shape[-1] != output_dim:
+        raise OutputDimError(
+            f"the model's output has shape {tuple(tensor.shape)} but the feedback was built for "
+            f"output_dim={output_dim} (the last dimension); convert with output_dim={tensor.shape[-1] if tensor.dim() else '?'}")
+    if not tensor.requires_grad or not session.feedbacks:
+        return output
+    return put(ErrorTap.apply(tensor, session))
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _matches(name: str, module: nn.Module, patterns: Sequence[str], types: Sequence[str]) -> bool:
+    if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+        return True
+    t = type(module)
+    qual = f"{t.__module__}.{t.__qualname__}"
+    return any(s in (t.__name__, qual) or isinstance(module, _resolve(s)) for s in types)
+
+
+def _resolve(name: str) -> Union[type, Tuple[()]]:
+    modname, _, attr = name.rpartition(".")
+    mod = sys.modules.get(modname) if modname else None
+    obj = getattr(mod, attr, None) if mod is not None else getattr(nn, name, None)
+    return obj if isinstance(obj, type) else ()
+
+
+def _plan(model: nn.Module, cfg: ConvertConfig) -> Tuple[List[Tuple[str, Handler]], List[str], Optional[str]]:
+    _register_transformers()
+    selected: List[Tuple[str, Handler]] = []
+    refused: List[str] = []
+    skipped_prefixes: List[str] = []
+    last_out: Optional[str] = None
+    for name, module in model.named_modules():
+        if _output_size(module) is not None:
+            last_out = name
+        if any(name == p or name.startswith(p + ".") for p in skipped_prefixes):
+            continue
+        if name and _matches(name, module, cfg.exclude, cfg.exclude_types):
+            skipped_prefixes.append(name)
+            continue
+        why = _refusal(module)
+        if why is not None:
+            refused.append(f"{name or '<root>'} ({type(module).__name__}: {why})")
+            skipped_prefixes.append(name)
+            continue
+        handler = _handler_for(module)
+        if handler is None:
+            continue
+        if (cfg.include or cfg.include_types) and not _matches(name, module, cfg.include, cfg.include_types):
+            continue
+        selected.append((name, handler))
+    return selected, refused, last_out
+
+
+def _output_size(module: nn.Module) -> Optional[int]:
+    for t in type(module).__mro__:
+        if t in _OUTPUT_SIZE:
+            return _OUTPUT_SIZE[t](module)
+    return None
+
+
+def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _as_config(mode, kwargs) -> ConvertConfig:
+    include, exclude = kwargs.pop("include", ()), kwargs.pop("exclude", ())
+    inc_t, exc_t = list(kwargs.pop("include_types", ())), list(kwargs.pop("exclude_types", ()))
+
+    def split(values, types_out):
+        if values is None:
+            return ()
+        if isinstance(values, (str, type)):
+            values = [values]
+        names = []
+        for v in values:
+            if isinstance(v, type):
+                types_out.append(f"{v.__module__}.{v.__qualname__}")
+            else:
+                names.append(v)
+        return tuple(names)
+
+    include, exclude = split(include, inc_t), split(exclude, exc_t)
+    inc_t = tuple(f"{t.__module__}.{t.__qualname__}" if isinstance(t, type) else t for t in inc_t)
+    exc_t = tuple(f"{t.__module__}.{t.__qualname__}" if isinstance(t, type) else t for t in exc_t)
+    return ConvertConfig(mode=mode, include=include, exclude=exclude, include_types=inc_t,
+                         exclude_types=exc_t, **kwargs)
+
+
+def convert(model: nn.Module, mode: Union[str, ConvertConfig] = "dfa", *, output_dim: Optional[int] = None,
+            inplace: bool = False, **options: Any) -> nn.Module:
+    """Swap the model's Linear, Conv2d and transformers Conv1D layers for feedback-aware ones.
+
+    Args:
+        model: any ``nn.Module``.
+        mode: a registered mode name (``bp``, ``fa``, ``dfa``, ``usf``, ``brsf``,
+            ``frsf``, ...) or a full :class:`ConvertConfig`.
+        output_dim: size of the output's last dimension, for direct modes
+            (default: the ``out_features`` of the model's last Linear/Conv1D).
+        inplace: convert ``model`` itself; by default a deep copy is converted and
+            ``model`` is left as it was.
+        **options: any other field of :class:`ConvertConfig` (``include``,
+            ``exclude`` (glob patterns or types), ``init``, ``scale``, ``seed``,
+            ``conv_error``, ``output_key``, ``options``).
+
+    The converted layers reuse the original parameter tensors. The training loop
+    stays unchanged: ``loss_fn(model(x), y).backward()`` delivers the mode's
+    gradients. Raises a :class:`~bio_ext.errors.BioExtError` subclass (a
+    ``ValueError`` or ``TypeError``) on bad input, leaving ``model`` untouched.
+    """
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModuleError(f"convert() expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(mode, ConvertConfig):
+        if options or output_dim is not None:
+            cfg = ConvertConfig.from_dict({**mode.to_dict(), **options,
+                                           **({"output_dim": output_dim} if output_dim is not None else {})})
+        else:
+            cfg = mode
+    else:
+        cfg = _as_config(mode, dict(options, output_dim=output_dim))
+    spec = get_mode(cfg.mode)
+
+    converted = [n for n, m in model.named_modules() if isinstance(m, FeedbackLayer)]
+    if converted or _state(model) is not None:
+        raise AlreadyConvertedError(
+            f"the model is converted already (converted layers: {converted[:5] or ['<root>']}); call "
+            "bio_ext.revert(model) first, or convert the original model")
+
+    selected, refused, last_out = _plan(model, cfg)
+    if refused:
+        raise UnsupportedModuleError(
+            "cannot convert: " + "; ".join(refused) + ". Skip these modules with "
+            "exclude=[...names...] (they then train with plain backprop), or replace them with modules "
+            "that call nn.Linear layers.")
+    if not selected:
+        raise NothingToConvertError(
+            f"no layer to convert in {type(model).__name__}: bio_ext converts nn.Linear, nn.Conv2d and "
+            "transformers Conv1D (check include/exclude if you set them)")
+    out_dim, out_layer = cfg.output_dim, None
+    if spec.family == "direct":
+        out_layer = cfg.output_layer if cfg.output_layer is not None else last_out
+        if out_layer is None:
+            raise OutputDimError(
+                f"cannot find the output layer of {type(model).__name__} (it has no nn.Linear): pass "
+                "output_layer='' to take the error at the model's return value, with "
+                "output_dim=<size of the output's last dimension>")
+        try:
+            out_module = model.get_submodule(out_layer)
+        except AttributeError:
+            raise ConversionError(
+                f"output_layer={out_layer!r} is not a submodule of {type(model).__name__}; pass the qualified "
+                "name of the layer that produces the output (as in model.named_modules())") from None
+        if out_dim is None:
+            out_dim = _output_size(out_module)
+            if out_dim is None:
+                raise OutputDimError(
+                    f"cannot infer the output size of {type(model).__name__} from {out_layer or '<root>'!r}; "
+                    "pass output_dim=<size of the output's last dimension>")
+
+    target = model if inplace else copy.deepcopy(model)
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator().manual_seed(cfg.seed)
+    new_layers = []
+    for name, handler in selected:
+        old = target.get_submodule(name) if name else target
+        new = handler(old, spec)
+        new.setup_feedback(output_dim=out_dim, init=cfg.init, scale=cfg.scale, generator=generator,
+                           conv_error=cfg.conv_error, options=cfg.options)
+        new_layers.append((name, new))
+    # every layer is built: nothing below can fail, so the model is never half converted
+    root = target
+    for name, new in new_layers:
+        if name:
+            _set_child(target, name, new)
+        else:
+            root = new
+    state = BioExtState(cfg, spec, out_dim, [n for n, _ in new_layers], out_layer)
+    root.__dict__["_bio_ext"] = state
+    if spec.family == "direct":
+        tap_module = root.get_submodule(out_layer)
+        tap_module.__dict__["_bio_ext_tap"] = (out_dim, cfg.output_key)
+        tap_module.register_forward_hook(output_hook)
+        root.register_forward_pre_hook(_root_pre_hook)
+        root.register_forward_hook(_root_hook, always_call=True)
+    log.info("converted %d layers of %s to mode %r", len(new_layers), type(model).__name__, spec.name)
+    return root
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Give back plain torch layers holding the same parameter tensors (in place).
+
+    Returns the model (a new object only when the root itself was a converted layer).
+    Feedback tensors are dropped.
+    """
+    root = model
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FeedbackLayer):
+            original = module.to_original()
+            if name:
+                _set_child(model, name, original)
+            else:
+                root = original
+    for m in [model, root, *root.modules()]:
+        m.__dict__.pop("_bio_ext", None)
+        m.__dict__.pop("_bio_ext_tap", None)
+        remove_hooks(m, (_root_pre_hook, _root_hook, output_hook))
+    return root
+
+
+def is_converted(model: nn.Module) -> bool:
+    return _state(model) is not None or any(isinstance(m, FeedbackLayer) for m in model.modules())
+
+
+def feedback_layers(model: nn.Module) -> List[Tuple[str, FeedbackLayer]]:
+    """The converted layers of ``model`` with their qualified names."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, FeedbackLayer)]

@@ -1,0 +1,64 @@
+"""The exceptions bio_ext raises.
+
+Every error a user can cause derives from :class:`BioExtError` and from
+``ValueError`` or ``TypeError``, so ``except ValueError`` keeps working for
+callers that do not know bio_ext. Messages name the problem and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+
+class BioExtError(Exception):
+    """Base class of every error raised by bio_ext."""
+
+
+class ConfigError(BioExtError, ValueError):
+    """One or more options are invalid. ``problems`` lists every one of them."""
+
+    def __init__(self, problems: Iterable[str], *, what: str = "configuration"):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid {what} ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class UnknownModeError(ConfigError):
+    """The requested mode is not registered."""
+
+    def __init__(self, mode: object, valid: Iterable[str]):
+        self.mode = mode
+        self.valid = sorted(valid)
+        super().__init__(
+            [f"unknown mode {mode!r}; valid modes are: {', '.join(self.valid)} "
+             "(or register a new one with bio_ext.register_mode)"],
+            what="mode",
+        )
+
+
+class ConversionError(BioExtError, ValueError):
+    """The model cannot be converted as asked. The model was left unchanged."""
+
+
+class AlreadyConvertedError(ConversionError):
+    """The model (or one of its submodules) was converted already."""
+
+
+class NothingToConvertError(ConversionError):
+    """The model holds no layer that the selection and the mode can convert."""
+
+
+class OutputDimError(ConversionError):
+    """The size of the model's output cannot be found, or does not match."""
+
+
+class UnsupportedModuleError(BioExtError, TypeError):
+    """The model holds a module whose forward would bypass converted layers."""
+
+
+class OutputTypeError(BioExtError, TypeError):
+    """The model returned something the error tap cannot find the output tensor in."""
+
+
+class FeedbackSignalError(BioExtError, ValueError):
+    """A direct-feedback layer needed the output error and it was not available."""

@@ -1,0 +1,109 @@
+"""Pure tensor math shared by the autograd Functions. No autograd, no modules."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+_aten_conv_bwd = torch.ops.aten.convolution_backward
+
+
+def linear_param_grads(grad_out: torch.Tensor, x: torch.Tensor, need_w: bool, need_b: bool
+                       ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Weight and bias gradients of ``y = x @ W.T + b`` for any number of leading dims."""
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    gw = g2.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
+    gb = g2.sum(0) if need_b else None
+    return gw, gb
+
+
+def conv2d_param_grads(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding,
+                       dilation, groups: int, need_w: bool, need_b: bool
+                       ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Weight and bias gradients of ``F.conv2d`` from ``grad_out``, without the input gradient."""
+    if not (need_w or need_b):
+        return None, None
+    _, gw, gb = _aten_conv_bwd(grad_out, x, weight, [weight.shape[0]] if need_b else None,
+                               stride, padding, dilation, False, [0, 0], groups,
+                               (False, need_w, need_b))
+    return gw, gb
+
+
+def conv2d_input_grad(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, stride, padding,
+                      dilation, groups: int) -> torch.Tensor:
+    """Transposed convolution of ``grad_out`` with ``kernel``: the input gradient of conv2d
+    when ``kernel`` stands in for the weight (FA's rule for Conv2d)."""
+    return _aten_conv_bwd(grad_out, x, kernel, None, stride, padding, dilation, False, [0, 0], groups,
+                          (True, False, False))[0]
+
+
+def coverage_matrix(in_size: int, out_size: int, kernel: int, stride: int, padding: int, dilation: int,
+                    device=None, dtype=None) -> torch.Tensor:
+    """``M[i, h] = 1`` iff kernel tap ``i`` of some output position reads input row ``h``.
+
+    With it, the transposed convolution of an error that is constant over the
+    output grid factorises: see :func:`spread_projection`.
+    """
+    m = torch.zeros(kernel, in_size, device=device, dtype=dtype)
+    pos = torch.arange(out_size) * stride - padding
+    for i in range(kernel):
+        p = pos + i * dilation
+        p = p[(p >= 0) & (p < in_size)]
+        m[i, p.to(m.device)] = 1
+    return m
+
+
+def spread_projection(p: torch.Tensor, channels: int, kh: int, kw: int, my: torch.Tensor,
+                      mx: torch.Tensor, scale: float) -> torch.Tensor:
+    """Map a per-tap projection ``p`` of shape ``(N, C*kh*kw)`` onto the input grid.
+
+    Returns ``scale * sum_ij p[n, c, i, j] * my[i, h] * mx[j, w]``, which equals
+    ``conv_transpose2d`` of the error broadcast over the output grid with the
+    kernel-shaped feedback (``p = e @ B.reshape(D, -1)``), in two small matmuls.
+    """
+    n = p.shape[0]
+    p4 = p.reshape(n, channels, kh, kw)
+    out = torch.matmul(my.t(), torch.matmul(p4, mx))  # (H, kh) @ (N, C, kh, W)
+    if scale != 1.0:
+        out = out * scale
+    return out
+
+
+def conv_padding(module) -> Tuple[Optional[Tuple[int, int, int, int]], str, Tuple[int, int]]:
+    """How to run a Conv2d module as ``F.pad`` then a convolution with symmetric padding.
+
+    Returns ``(pad, pad_mode, conv_padding)``: ``pad`` is the ``F.pad`` argument
+    (None when the convolution can pad by itself), ``pad_mode`` its mode.
+    """
+    kh, kw = module.kernel_size
+    dh, dw = module.dilation
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            sym = (0, 0)
+            explicit = None
+        else:  # 'same' (stride 1 is enforced by nn.Conv2d)
+            th, tw = dh * (kh - 1), dw * (kw - 1)
+            top, left = th // 2, tw // 2
+            explicit = (left, tw - left, top, th - top)
+            sym = (0, 0)
+            if module.padding_mode == "zeros" and th % 2 == 0 and tw % 2 == 0:
+                explicit, sym = None, (top, left)
+    else:
+        ph, pw = module.padding
+        explicit, sym = None, (ph, pw)
+        if module.padding_mode != "zeros" and (ph or pw):
+            explicit, sym = (pw, pw, ph, ph), (0, 0)
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return explicit, mode, sym
+
+
+def flatten_rows(t: torch.Tensor) -> int:
+    return t.numel() // t.shape[-1] if t.dim() else 1
+
+
+def pad_input(x: torch.Tensor, pad: Optional[Sequence[int]], mode: str) -> torch.Tensor:
+    if pad is None:
+        return x
+    return F.pad(x, tuple(pad), mode=mode)

@@ -1,0 +1,158 @@
+"""How the output error reaches direct-feedback layers without changing the training loop.
+
+The converted root module gets a forward pre-hook that opens a
+:class:`FeedbackSession` and a forward hook that passes the model's output
+through :class:`ErrorTap`, an identity whose backward sees ``e = dL/d(output)``
+before any converted layer's backward runs (every converted layer is upstream
+of the output). On receiving ``e`` the session computes the projections of all
+registered layers at once: one matrix product ``e @ [B_1 | B_2 | ...]`` against
+the cached concatenation of their feedback matrices, which each layer's backward
+then slices. Layers whose input needs no gradient (the first layer) never
+register, so they pay nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, List, Optional, Tuple
+
+import torch
+from torch.autograd import Function
+
+from .errors import FeedbackSignalError
+
+_tls = threading.local()
+
+
+def current_session() -> Optional["FeedbackSession"]:
+    return getattr(_tls, "session", None)
+
+
+def _set_session(session: Optional["FeedbackSession"]) -> Optional["FeedbackSession"]:
+    prev = getattr(_tls, "session", None)
+    _tls.session = session
+    return prev
+
+
+class FeedbackBank:
+    """Caches the concatenation of the feedback matrices that take part in a step.
+
+    The cache key holds each feedback's storage pointer and version counter, so an
+    in-place update of a feedback (as GrAPE does), a ``.to()`` or a
+    ``load_state_dict`` invalidates it.
+    """
+
+    def __init__(self) -> None:
+        self._key: Any = None
+        self._cat: Optional[torch.Tensor] = None
+
+    def concat(self, feedbacks: List[torch.Tensor], rows: int) -> torch.Tensor:
+        key = tuple((fb.data_ptr(), fb._version, fb.dtype, fb.device, tuple(fb.shape)) for fb in feedbacks)
+        if key != self._key:
+            flat = [fb.reshape(rows, -1) for fb in feedbacks]
+            self._cat = flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
+            self._key = key
+        return self._cat
+
+    def clear(self) -> None:
+        self._key, self._cat = None, None
+
+
+class FeedbackSession:
+    """One forward pass of a converted model: the layers waiting for the output error."""
+
+    __slots__ = ("bank", "output_dim", "feedbacks", "widths", "proj", "error", "__weakref__")
+
+    def __init__(self, bank: FeedbackBank, output_dim: int) -> None:
+        self.bank = bank
+        self.output_dim = output_dim
+        self.feedbacks: List[torch.Tensor] = []
+        self.widths: List[int] = []
+        self.proj: Optional[Tuple[torch.Tensor, ...]] = None
+        self.error: Optional[torch.Tensor] = None
+
+    def register(self, feedback: torch.Tensor) -> int:
+        """Reserve a slot for a layer whose input needs a gradient; returns the slot."""
+        if feedback.shape[0] != self.output_dim:
+            raise FeedbackSignalError(
+                f"a feedback matrix has {feedback.shape[0]} rows but the model's output_dim is "
+                f"{self.output_dim}; convert the model again with the right output_dim")
+        self.feedbacks.append(feedback)
+        self.widths.append(feedback.numel() // self.output_dim)
+        return len(self.feedbacks) - 1
+
+    def receive_error(self, e: torch.Tensor) -> None:
+        """Called by :class:`ErrorTap` with ``e`` of shape ``(N, output_dim)``."""
+        self.error = e
+        if not self.feedbacks:
+            self.proj = ()
+            return
+        bcat = self.bank.concat(self.feedbacks, self.output_dim)
+        if bcat.dtype != e.dtype:
+            bcat = bcat.to(e.dtype)
+        full = e.mm(bcat)
+        self.proj = full.split(self.widths, dim=1) if len(self.widths) > 1 else (full,)
+
+    def take(self, slot: int) -> torch.Tensor:
+        if self.proj is None:
+            raise FeedbackSignalError(
+                "a direct-feedback layer needs the output error, but the gradient did not flow "
+                "through the converted model's output. Compute the loss from the model's output "
+                "(loss_fn(model(x), y)), or convert with a feedback-free mode such as 'bp' or 'fa'.")
+        return self.proj[slot]
+
+
+class ErrorTap(Function):
+    """Identity on the model's output whose backward hands ``e`` to the session."""
+
+    @staticmethod
+    def forward(out: torch.Tensor, session: FeedbackSession) -> torch.Tensor:
+        return out.view_as(out)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.session = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        session: FeedbackSession = ctx.session
+        session.receive_error(grad.reshape(-1, grad.shape[-1]))
+        return grad, None
+
+
+# --------------------------------------------------------------------------- hooks installed by convert()
+
+
+def output_hook(module, args, output):
+    """Forward hook on the output layer: passes its output through :class:`ErrorTap`."""
+    session = current_session()
+    tap = module.__dict__.get("_bio_ext_tap")
+    if session is None or tap is None:
+        return None
+    from .convert import tap_output  # the container logic lives with convert()
+    return tap_output(output, session, *tap)
+
+
+HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+              "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+
+
+def copy_hooks(src, dst, skip=()) -> None:
+    """Copy forward (pre-)hooks from module ``src`` to ``dst``, leaving out the functions in ``skip``."""
+    drop = {k for name in ("_forward_hooks", "_forward_pre_hooks")
+            for k, fn in getattr(src, name).items() if fn in skip}
+    for name in HOOK_DICTS:
+        src_d = getattr(src, name, None)
+        if src_d is None:
+            continue
+        new = type(src_d)((k, v) for k, v in src_d.items() if k not in drop)
+        dst.__dict__[name] = new
+
+
+def remove_hooks(module, fns) -> None:
+    for name in ("_forward_hooks", "_forward_pre_hooks"):
+        d = getattr(module, name)
+        for k in [k for k, fn in d.items() if fn in fns]:
+            del d[k]
+            for extra in HOOK_DICTS:
+                getattr(module, extra, {}).pop(k, None)
