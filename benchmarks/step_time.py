@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bio_ext  # noqa: E402
 from _common import INPUTS, MODELS, clone, hardware, interleaved_medians  # noqa: E402
 
-MODES = ["bp", "fa", "dfa", "usf", "brsf", "frsf"]
+MODES = ["bp", "fa", "dfa", "usf", "brsf", "frsf", "grape"]
 BIOTORCH_MODES = {"fa", "dfa", "usf", "brsf", "frsf"}
 
 
@@ -104,8 +104,11 @@ def make_step(model: nn.Module, x, y, *, call: Callable = None) -> Callable[[], 
 
 
 def biotorch_model(model: nn.Module, mode: str, out_dim: int):
+    import contextlib
+    import io
+
     from biotorch.module.biomodule import BioModule
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # biotorch prints
         warnings.simplefilter("ignore")
         return BioModule(clone(model), mode=mode, output_dim=out_dim,
                          layer_config={"type": mode, "options": {"init": "xavier", "constrain_weights": False,
@@ -157,7 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-floor", action="store_true")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     device = torch.device(args.device)
     modes = [m for m in args.modes.split(",") if m]
     results = {}

@@ -6,6 +6,7 @@
 """
 
 from . import errors
+from . import grape  # noqa: F401  (registers the 'grape' mode)
 from .config import ConvertConfig
 from .convert import convert, feedback_layers, is_converted, register_layer, revert
 from .errors import (AlreadyConvertedError, BioExtError, ConfigError, ConversionError, FeedbackSignalError,

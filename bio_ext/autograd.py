@@ -78,7 +78,13 @@ class LinearDirectFn(Function):
         x, weight, bias, session, slot = inputs
         ctx.has_bias = bias is not None
         ctx.session, ctx.slot, ctx.x_shape = session, slot, x.shape
+        ctx.w_fwd = weight
         ctx.save_for_backward(x)
+
+    @staticmethod
+    def jvp(ctx, x_t, w_t, b_t, _session, _slot):
+        # forward-mode tangents flow through the layer (weights carry none: activity perturbation)
+        return F.linear(x_t, ctx.w_fwd.detach())
 
     @staticmethod
     def backward(ctx, g):
@@ -133,7 +139,13 @@ class Conv2dDirectFn(Function):
         ctx.geom = (stride, padding, dilation, groups)
         ctx.session, ctx.slot, ctx.spread, ctx.x_shape = session, slot, spread, x.shape
         ctx.has_bias = bias is not None
+        ctx.w_fwd = weight
         ctx.save_for_backward(x, weight)
+
+    @staticmethod
+    def jvp(ctx, x_t, w_t, b_t, _session, _slot, _stride, _padding, _dilation, _groups, _spread):
+        stride, padding, dilation, groups = ctx.geom
+        return F.conv2d(x_t, ctx.w_fwd.detach(), None, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, g):

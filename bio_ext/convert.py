@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .config import ConvertConfig
+from .errors import ConfigError
 from .errors import (AlreadyConvertedError, ConversionError, NothingToConvertError, OutputDimError, OutputTypeError,
                      UnsupportedModuleError)
 from .layers import FeedbackConv2d, FeedbackLayer, FeedbackLinear
@@ -122,9 +123,13 @@ def _root_pre_hook(module: nn.Module, args):
     state = _state(module)
     if state is None:
         return None
-    session = FeedbackSession(state.bank, state.output_dim) if torch.is_grad_enabled() else None
+    session = FeedbackSession(state.bank, state.output_dim, state.mode.rule) if torch.is_grad_enabled() else None
+    level = None
+    if session is not None and session.rule is not None:
+        import torch.autograd.forward_ad as fwAD
+        level = fwAD.enter_dual_level()
     state.stack.append(_set_session(session))
-    state.stack.append(session)
+    state.stack.append((session, level))
     return None
 
 
@@ -132,8 +137,11 @@ def _root_hook(module: nn.Module, args, output):
     state = _state(module)
     if state is None or not state.stack:
         return None
-    state.stack.pop()
+    _, level = state.stack.pop()
     _set_session(state.stack.pop())
+    if level is not None:
+        import torch.autograd.forward_ad as fwAD
+        fwAD.exit_dual_level(level=level)
     return None
 
 
@@ -194,6 +202,12 @@ def tap_output(output: Any, session: FeedbackSession, output_dim: int, key=None)
             f"output_dim={output_dim} (the last dimension); convert with output_dim={tensor.shape[-1] if tensor.dim() else '?'}")
     if not tensor.requires_grad or not session.feedbacks:
         return output
+    if session.rule is not None:  # forward gradients: keep the output's tangent, go on without tangents
+        import torch.autograd.forward_ad as fwAD
+        primal, tangent = fwAD.unpack_dual(tensor)
+        if tangent is not None:
+            session.out_tangent = tangent.detach().reshape(-1, output_dim).clone()
+            tensor = primal
     return put(ErrorTap.apply(tensor, session))
 
 
@@ -312,6 +326,9 @@ def convert(model: nn.Module, mode: Union[str, ConvertConfig] = "dfa", *, output
     else:
         cfg = _as_config(mode, dict(options, output_dim=output_dim))
     spec = get_mode(cfg.mode)
+    problems = spec.rule.validate_options(cfg.options)
+    if problems:
+        raise ConfigError(problems, what=f"options of mode {spec.name!r}")
 
     converted = [n for n, m in model.named_modules() if isinstance(m, FeedbackLayer)]
     if converted or _state(model) is not None:
@@ -350,6 +367,11 @@ def convert(model: nn.Module, mode: Union[str, ConvertConfig] = "dfa", *, output
                     f"cannot infer the output size of {type(model).__name__} from {out_layer or '<root>'!r}; "
                     "pass output_dim=<size of the output's last dimension>")
 
+    if spec.rule.forward_gradient and len(selected) < 2:
+        raise NothingToConvertError(
+            f"mode {spec.name!r} perturbs the inputs of converted layers after the first, and "
+            f"{type(model).__name__} has {len(selected)} layer(s) to convert: there is nothing to perturb. "
+            "Use 'dfa' for a single layer, or convert a deeper model.")
     target = model if inplace else copy.deepcopy(model)
     generator = None
     if cfg.seed is not None:
@@ -359,7 +381,8 @@ def convert(model: nn.Module, mode: Union[str, ConvertConfig] = "dfa", *, output
         old = target.get_submodule(name) if name else target
         new = handler(old, spec)
         new.setup_feedback(output_dim=out_dim, init=cfg.init, scale=cfg.scale, generator=generator,
-                           conv_error=cfg.conv_error, options=cfg.options)
+                           conv_error=cfg.conv_error)
+        new.__dict__["_mode_options"] = dict(cfg.options)
         new_layers.append((name, new))
     # every layer is built: nothing below can fail, so the model is never half converted
     root = target

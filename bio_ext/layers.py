@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .autograd import Conv2dDirectFn, Conv2dLocalFn, LinearDirectFn, LinearLocalFn
 from .errors import FeedbackSignalError
-from .functional import conv_padding, coverage_matrix, pad_input
+from .functional import conv_padding, coverage_matrix, pad_input, spread_projection
 from .modes import FeedbackSpec, ModeSpec
 from .session import copy_hooks, current_session, output_hook
 
@@ -71,11 +71,20 @@ class FeedbackLayer(nn.Module):
             return fb
         return rule.effective(self)
 
-    def _direct_slot(self, x: torch.Tensor):
+    def _direct_slot(self, x: torch.Tensor, info=None):
+        """Register with the current session; returns ``(session, slot, x)`` where ``x`` carries a
+        fresh tangent perturbation when the mode uses forward gradients."""
         session = current_session()
         if session is None or not x.requires_grad:
-            return session, -1
-        return session, session.register(self.feedback)
+            return session, -1, x
+        slot = session.register(self.feedback, self, info)
+        if session.rule is not None:
+            x = session.perturb(slot, x)
+        return session, slot, x
+
+    def project_error(self, e: torch.Tensor, feedback: torch.Tensor, info=None) -> torch.Tensor:
+        """The error projected onto this layer's input, ``(N, ...)``, with ``feedback`` as B."""
+        return e.mm(feedback.reshape(feedback.shape[0], -1))
 
     def to_original(self) -> nn.Module:
         """The original torch module, holding this layer's current parameters."""
@@ -140,7 +149,7 @@ class FeedbackLinear(FeedbackLayer):
         if family == "local":
             fb = self._local_feedback()
             return LinearLocalFn.apply(x, w, self.bias, fb.t() if self.transposed else fb)
-        session, slot = self._direct_slot(x)
+        session, slot, x = self._direct_slot(x)
         if session is None and x.requires_grad:
             raise _no_session_error()
         return LinearDirectFn.apply(x, w, self.bias, session, slot)
@@ -213,8 +222,13 @@ class FeedbackConv2d(FeedbackLayer):
         geom = (self.stride, self._conv_pad, self.dilation, self.groups)
         if family == "local":
             return Conv2dLocalFn.apply(xp, self.weight, self.bias, self._local_feedback(), *geom)
-        session, slot = self._direct_slot(xp)
+        spread = self._spread(xp) if xp.requires_grad else None
+        session, slot, xp = self._direct_slot(xp, spread)
         if session is None and xp.requires_grad:
             raise _no_session_error()
-        spread = self._spread(xp) if slot >= 0 else None
         return Conv2dDirectFn.apply(xp, self.weight, self.bias, session, slot, *geom, spread)
+
+    def project_error(self, e: torch.Tensor, feedback: torch.Tensor, info=None) -> torch.Tensor:
+        c, kh, kw, my, mx, scale = info
+        p = e.mm(feedback.reshape(feedback.shape[0], -1))
+        return spread_projection(p, c, kh, kw, my.to(p.dtype), mx.to(p.dtype), scale)

@@ -100,6 +100,15 @@ class FeedbackRule:
     family: str = "local"
     #: whether :meth:`effective` must be recomputed at every forward
     dynamic: bool = False
+    #: whether the mode needs forward-mode tangents (direct family; see :mod:`bio_ext.grape`)
+    forward_gradient: bool = False
+
+    def validate_options(self, options) -> list:
+        """Problems with the mode-specific ``options`` (every one, as strings)."""
+        return [f"options.{k}: mode takes no options" for k in options]
+
+    def before_projection(self, session, e: torch.Tensor) -> None:
+        """Direct family with forward gradients: called with the output error before projecting it."""
 
     def create(self, weight: torch.Tensor, spec: FeedbackSpec,
                generator: Optional[torch.Generator]) -> Dict[str, torch.Tensor]:

@@ -61,17 +61,24 @@ class FeedbackBank:
 class FeedbackSession:
     """One forward pass of a converted model: the layers waiting for the output error."""
 
-    __slots__ = ("bank", "output_dim", "feedbacks", "widths", "proj", "error", "__weakref__")
+    __slots__ = ("bank", "output_dim", "feedbacks", "widths", "proj", "error", "layers", "infos",
+                 "rule", "perturbations", "out_tangent", "__weakref__")
 
-    def __init__(self, bank: FeedbackBank, output_dim: int) -> None:
+    def __init__(self, bank: FeedbackBank, output_dim: int, rule=None) -> None:
         self.bank = bank
         self.output_dim = output_dim
         self.feedbacks: List[torch.Tensor] = []
         self.widths: List[int] = []
+        self.layers: List[Any] = []
+        self.infos: List[Any] = []
         self.proj: Optional[Tuple[torch.Tensor, ...]] = None
         self.error: Optional[torch.Tensor] = None
+        #: the mode's rule when it uses forward gradients (GrAPE), else None
+        self.rule = rule if rule is not None and getattr(rule, "forward_gradient", False) else None
+        self.perturbations: List[Optional[torch.Tensor]] = []
+        self.out_tangent: Optional[torch.Tensor] = None
 
-    def register(self, feedback: torch.Tensor) -> int:
+    def register(self, feedback: torch.Tensor, layer: Any = None, info: Any = None) -> int:
         """Reserve a slot for a layer whose input needs a gradient; returns the slot."""
         if feedback.shape[0] != self.output_dim:
             raise FeedbackSignalError(
@@ -79,7 +86,18 @@ class FeedbackSession:
                 f"{self.output_dim}; convert the model again with the right output_dim")
         self.feedbacks.append(feedback)
         self.widths.append(feedback.numel() // self.output_dim)
+        self.layers.append(layer)
+        self.infos.append(info)
+        self.perturbations.append(None)
         return len(self.feedbacks) - 1
+
+    def perturb(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """Add a fresh standard-normal perturbation to the forward-mode tangent of ``x``."""
+        import torch.autograd.forward_ad as fwAD
+        primal, tangent = fwAD.unpack_dual(x)
+        u = torch.randn(primal.shape, dtype=primal.dtype, device=primal.device)
+        self.perturbations[slot] = u
+        return fwAD.make_dual(primal, u if tangent is None else tangent + u)
 
     def receive_error(self, e: torch.Tensor) -> None:
         """Called by :class:`ErrorTap` with ``e`` of shape ``(N, output_dim)``."""
@@ -87,6 +105,8 @@ class FeedbackSession:
         if not self.feedbacks:
             self.proj = ()
             return
+        if self.rule is not None and self.out_tangent is not None:
+            self.rule.before_projection(self, e)
         bcat = self.bank.concat(self.feedbacks, self.output_dim)
         if bcat.dtype != e.dtype:
             bcat = bcat.to(e.dtype)

@@ -56,3 +56,15 @@ def test_register_mode_adds_a_mode_by_rule():
     torch.testing.assert_close(x.grad, g @ (0.5 * lin.feedback))
     with pytest.raises(errors.ConfigError, match="registered already"):
         bio_ext.register_mode("half_fa_test", family="local")(HalfFA)
+
+
+def test_shipped_configs_parse_and_convert():
+    from pathlib import Path
+
+    import torch.nn as nn
+    paths = sorted((Path(__file__).parent.parent / "configs").glob("convert_*.yaml"))
+    assert paths
+    for path in paths:
+        cfg = ConvertConfig.from_yaml(path.read_text())
+        model = bio_ext.convert(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), cfg)
+        assert model[0].mode == cfg.mode

@@ -1,0 +1,188 @@
+"""GrAPE oracles: unbiased forward gradients, feedback alignment that rises, DFA weight updates."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bio_ext
+from bio_ext import errors
+from bio_ext.session import FeedbackSession
+from helpers import tanh_mlp, train_steps
+
+
+def _input_grads(model, x, y, layer_types=(nn.Linear, nn.Conv2d)):
+    """True dL/d(input) of every Linear/Conv2d after the first, by autograd."""
+    ins = []
+    layers = [m for m in model.modules() if isinstance(m, layer_types)][1:]
+    hooks = [m.register_forward_hook(lambda mod, i, o: (i[0].retain_grad(), ins.append(i[0]), None)[-1])
+             for m in layers]
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    for h in hooks:
+        h.remove()
+    return [t.grad.detach().clone() for t in ins]
+
+
+class _Spy:
+    def __init__(self, monkeypatch):
+        self.sessions = []
+        orig = FeedbackSession.receive_error
+
+        def spy(sess, e):
+            orig(sess, e)
+            self.sessions.append(sess)
+
+        monkeypatch.setattr(FeedbackSession, "receive_error", spy)
+
+    def alignment(self, true_grads):
+        s = self.sessions[-1]
+        out = []
+        for slot, (layer, t) in enumerate(zip(s.layers, true_grads)):
+            p = layer.project_error(s.error, layer.feedback, s.infos[slot])
+            out.append(F.cosine_similarity(p.reshape(-1), t.reshape(-1), dim=0).item())
+        return out
+
+
+def test_forward_gradient_estimates_are_unbiased():
+    torch.manual_seed(0)
+    model = tanh_mlp((5, 6, 6, 3))
+    x = torch.randn(4, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (4,))
+    true = _input_grads(model, x, y)
+    conv = bio_ext.convert(model, "grape", options={"feedback_lr": 0.0, "keep_estimate": True})
+    layers = [conv[2], conv[4]]
+    sums = [torch.zeros_like(t) for t in true]
+    draws = 3000
+    for _ in range(draws):
+        F.cross_entropy(conv(x), y).backward()
+        for s, layer in zip(sums, layers):
+            s += layer.forward_gradient.reshape(s.shape)
+    for s, t in zip(sums, true):
+        cos = F.cosine_similarity((s / draws).reshape(-1), t.reshape(-1), dim=0)
+        assert cos > 0.95, cos
+    # a single draw is far from the gradient (so the test measures the average, not a copy)
+    single = layers[0].forward_gradient.reshape(true[0].shape)
+    assert F.cosine_similarity(single.reshape(-1), true[0].reshape(-1), dim=0) < 0.9
+
+
+def _alignment_run(model, make_batch, mode, monkeypatch, steps=300):
+    spy = _Spy(monkeypatch)
+    conv = bio_ext.convert(model, mode, seed=0)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.0)  # weights frozen: only the feedback learns
+    first = last = None
+    for step in range(steps):
+        x, y = make_batch()
+        opt.zero_grad()
+        F.cross_entropy(conv(x), y).backward()
+        opt.step()
+        if step in (0, steps - 1):
+            cos = spy.alignment(_input_grads(model, x, y))
+            first, last = (cos, last) if step == 0 else (first, cos)
+    return first, last
+
+
+def _teacher_batches(in_shape, batch=256):
+    torch.manual_seed(1)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(in_shape).prod()), 10))
+
+    def make():
+        x = torch.randn(batch, *in_shape)
+        with torch.no_grad():
+            return x, teacher(x).argmax(1)
+
+    return make
+
+
+@pytest.mark.parametrize("mode", ["grape", "dfa"])
+def test_feedback_aligns_with_true_gradient_only_under_grape_mlp(mode, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(100, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
+    first, last = _alignment_run(model, _teacher_batches((100,)), mode, monkeypatch)
+    assert abs(sum(first) / len(first)) < 0.1, first
+    if mode == "grape":
+        assert sum(last) / len(last) >= 0.3, last
+    else:
+        assert abs(sum(last) / len(last)) < 0.1, last
+
+
+@pytest.mark.parametrize("mode", ["grape", "dfa"])
+def test_feedback_aligns_with_true_gradient_only_under_grape_convnet(mode, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 8, 3, padding=1, stride=2),
+                          nn.Tanh(), nn.Flatten(), nn.Linear(8 * 8 * 8, 64), nn.Tanh(), nn.Linear(64, 10))
+    first, last = _alignment_run(model, _teacher_batches((1, 16, 16)), mode, monkeypatch)
+    assert abs(sum(first) / len(first)) < 0.1, first
+    if mode == "grape":
+        assert sum(last) / len(last) >= 0.3, last
+    else:
+        assert abs(sum(last) / len(last)) < 0.1, last
+
+
+def test_hidden_weight_gradients_equal_dfa_formula_with_current_feedback():
+    model = tanh_mlp((6, 7, 5, 4))
+    conv = bio_ext.convert(model, "grape")
+    l1, l2, l3 = conv[0], conv[2], conv[4]
+    x = torch.randn(8, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (8,))
+    before = l2.feedback.clone()
+    out = conv(x)
+    F.cross_entropy(out, y).backward()
+    assert not torch.allclose(before, l2.feedback)  # the feedback was turned in this step
+    torch.testing.assert_close(l2.feedback.norm(), before.norm())  # ... with its norm kept
+    with torch.no_grad():
+        h1 = torch.tanh(x @ l1.weight.t() + l1.bias)
+        h2 = torch.tanh(h1 @ l2.weight.t() + l2.bias)
+        e = (torch.softmax(out, 1) - F.one_hot(y, 4)) / 8
+        d2 = (e @ l3.feedback) * (1 - h2 ** 2)
+        d1 = (e @ l2.feedback) * (1 - h1 ** 2)
+    torch.testing.assert_close(l3.weight.grad, e.t() @ h2)
+    torch.testing.assert_close(l2.weight.grad, d2.t() @ h1)
+    torch.testing.assert_close(l1.weight.grad, d1.t() @ x)
+
+
+def test_grape_outputs_equal_plain_model_outputs():
+    model = tanh_mlp((6, 7, 4), dtype=torch.float32)
+    x = torch.randn(3, 6)
+    assert torch.allclose(bio_ext.convert(model, "grape")(x), model(x))
+
+
+def test_resnet18_trains_a_few_steps_under_grape():
+    torchvision = pytest.importorskip("torchvision")
+    model = bio_ext.convert(torchvision.models.resnet18(num_classes=10), "grape")
+    losses = train_steps(model, torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4]), steps=3, lr=0.01)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    cos = [m.grape_cos for _, m in bio_ext.feedback_layers(model) if hasattr(m, "grape_cos")]
+    assert len(cos) == 20 and all(torch.isfinite(c) for c in cos)  # every layer but conv1
+
+
+def test_gpt2_trains_under_grape():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = bio_ext.convert(transformers.GPT2LMHeadModel(cfg), "grape")
+    ids = torch.randint(0, 50, (4, 8))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_model_with_nothing_to_perturb_is_a_clear_error():
+    with pytest.raises(errors.NothingToConvertError, match="nothing to perturb"):
+        bio_ext.convert(nn.Sequential(nn.Linear(4, 3), nn.Softmax(-1)), "grape")
+
+
+def test_grape_options_are_validated_together():
+    with pytest.raises(errors.ConfigError) as exc:
+        bio_ext.convert(tanh_mlp(), "grape", options={"feedback_lr": -1, "momentum": 1.5, "directions": 4,
+                                                      "perturbation": "weights", "lr": 3})
+    assert len(exc.value.problems) == 5
+    with pytest.raises(errors.ConfigError, match="takes no options"):
+        bio_ext.convert(tanh_mlp(), "dfa", options={"feedback_lr": 0.1})
