@@ -214,12 +214,15 @@ def tap_output(output: Any, session: FeedbackSession, output_dim: int, key=None)
 # --------------------------------------------------------------------------- planning
 
 
+def _qualname(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
+
+
 def _matches(name: str, module: nn.Module, patterns: Sequence[str], types: Sequence[str]) -> bool:
     if any(fnmatch.fnmatchcase(name, p) for p in patterns):
         return True
     t = type(module)
-    qual = f"{t.__module__}.{t.__qualname__}"
-    return any(s in (t.__name__, qual) or isinstance(module, _resolve(s)) for s in types)
+    return any(s in (t.__name__, _qualname(t)) or isinstance(module, _resolve(s)) for s in types)
 
 
 def _resolve(name: str) -> Union[type, Tuple[()]]:
@@ -281,15 +284,12 @@ def _as_config(mode, kwargs) -> ConvertConfig:
             values = [values]
         names = []
         for v in values:
-            if isinstance(v, type):
-                types_out.append(f"{v.__module__}.{v.__qualname__}")
-            else:
-                names.append(v)
+            (types_out if isinstance(v, type) else names).append(v)
         return tuple(names)
 
     include, exclude = split(include, inc_t), split(exclude, exc_t)
-    inc_t = tuple(f"{t.__module__}.{t.__qualname__}" if isinstance(t, type) else t for t in inc_t)
-    exc_t = tuple(f"{t.__module__}.{t.__qualname__}" if isinstance(t, type) else t for t in exc_t)
+    inc_t = tuple(_qualname(t) if isinstance(t, type) else t for t in inc_t)
+    exc_t = tuple(_qualname(t) if isinstance(t, type) else t for t in exc_t)
     return ConvertConfig(mode=mode, include=include, exclude=exclude, include_types=inc_t,
                          exclude_types=exc_t, **kwargs)
 
