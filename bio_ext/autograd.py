@@ -160,8 +160,7 @@ class Conv2dDirectFn(Function):
                     f"Conv2d: the output error has {p.shape[0]} rows but the layer's input has batch "
                     f"{ctx.x_shape[0]}; direct feedback to a convolution needs one error row per example. "
                     "Exclude this layer or use a local mode such as 'fa'.")
-            c, kh, kw, my, mx, scale = ctx.spread
-            gx = spread_projection(p, c, kh, kw, my.to(p.dtype), mx.to(p.dtype), scale)
+            gx = spread_projection(p, ctx.spread)
         gw, gb = conv2d_param_grads(g, x, w, stride, padding, dilation, groups, need[1],
                                     ctx.has_bias and need[2])
         return gx, gw, gb, None, None, None, None, None, None, None

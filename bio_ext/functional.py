@@ -55,17 +55,17 @@ def coverage_matrix(in_size: int, out_size: int, kernel: int, stride: int, paddi
     return m
 
 
-def spread_projection(p: torch.Tensor, channels: int, kh: int, kw: int, my: torch.Tensor,
-                      mx: torch.Tensor, scale: float) -> torch.Tensor:
+def spread_projection(p: torch.Tensor, spread: Tuple) -> torch.Tensor:
     """Map a per-tap projection ``p`` of shape ``(N, C*kh*kw)`` onto the input grid.
 
-    Returns ``scale * sum_ij p[n, c, i, j] * my[i, h] * mx[j, w]``, which equals
+    ``spread`` is ``(C, kh, kw, my, mx, scale)`` as a Conv2d layer caches it. Returns
+    ``scale * sum_ij p[n, c, i, j] * my[i, h] * mx[j, w]``, which equals
     ``conv_transpose2d`` of the error broadcast over the output grid with the
     kernel-shaped feedback (``p = e @ B.reshape(D, -1)``), in two small matmuls.
     """
-    n = p.shape[0]
-    p4 = p.reshape(n, channels, kh, kw)
-    out = torch.matmul(my.t(), torch.matmul(p4, mx))  # (H, kh) @ (N, C, kh, W)
+    channels, kh, kw, my, mx, scale = spread
+    p4 = p.reshape(p.shape[0], channels, kh, kw)
+    out = torch.matmul(my.t().to(p.dtype), torch.matmul(p4, mx.to(p.dtype)))  # (H, kh) @ (N, C, kh, W)
     if scale != 1.0:
         out = out * scale
     return out

@@ -229,6 +229,4 @@ class FeedbackConv2d(FeedbackLayer):
         return Conv2dDirectFn.apply(xp, self.weight, self.bias, session, slot, *geom, spread)
 
     def project_error(self, e: torch.Tensor, feedback: torch.Tensor, info=None) -> torch.Tensor:
-        c, kh, kw, my, mx, scale = info
-        p = e.mm(feedback.reshape(feedback.shape[0], -1))
-        return spread_projection(p, c, kh, kw, my.to(p.dtype), mx.to(p.dtype), scale)
+        return spread_projection(super().project_error(e, feedback), info)
