@@ -38,3 +38,23 @@ def train_steps(model, x, y, steps=3, lr=0.05, loss_fn=None):
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def assert_dfa_hand_gradients(layers, x, y):
+    """DFA oracle for a 3-layer tanh MLP (cross-entropy, mean): the output layer trains on the true
+    error e; hidden layer l gets ((e @ B_{l+1}) * tanh'(a_l))^T h_{l-1}, B_{l+1} the next layer's feedback."""
+    import torch.nn.functional as F
+    l1, l2, l3 = layers
+    with torch.no_grad():
+        h1 = torch.tanh(x @ l1.weight.t() + l1.bias)
+        h2 = torch.tanh(h1 @ l2.weight.t() + l2.bias)
+        a3 = h2 @ l3.weight.t() + l3.bias
+        e = (torch.softmax(a3, 1) - F.one_hot(y, a3.shape[1])) / len(y)  # dL/d(output)
+        d2 = (e @ l3.feedback) * (1 - h2 ** 2)
+        d1 = (e @ l2.feedback) * (1 - h1 ** 2)
+    torch.testing.assert_close(l3.weight.grad, e.t() @ h2)
+    torch.testing.assert_close(l3.bias.grad, e.sum(0))
+    torch.testing.assert_close(l2.weight.grad, d2.t() @ h1)
+    torch.testing.assert_close(l2.bias.grad, d2.sum(0))
+    torch.testing.assert_close(l1.weight.grad, d1.t() @ x)
+    torch.testing.assert_close(l1.bias.grad, d1.sum(0))
