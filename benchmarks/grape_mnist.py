@@ -72,10 +72,11 @@ def alignment_degrees(model, x, y):
     return [math.degrees(math.acos(max(-1.0, min(1.0, c)))) for c in bio_ext.alignment(model, x, y).values()]
 
 
-def run(mode, seed, train, test, epochs, batch, progress, arch="mlp"):
+def run(mode, seed, train, test, epochs, batch, progress, arch="mlp", options=None):
     torch.manual_seed(seed)
     plain = MODELS[arch][0]()
-    model = plain if mode == "bp" else bio_ext.convert(plain, mode, seed=seed)
+    options = options if mode == "grape" else {}
+    model = plain if mode == "bp" else bio_ext.convert(plain, mode, seed=seed, options=options or {})
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.95)
     x, y = train
@@ -99,6 +100,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(Path(__file__).resolve().parent.parent.parent / "shared/data/mnist"))
     p.add_argument("--model", choices=sorted(MODELS), default="mlp")
+    p.add_argument("--feedback-lr", type=float, help="GrAPE feedback_lr (default: bio_ext's)")
+    p.add_argument("--momentum", type=float, help="GrAPE momentum (default: bio_ext's)")
     p.add_argument("--modes", default="bp,dfa,grape")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=20)
@@ -106,6 +109,7 @@ def main(argv=None):
     p.add_argument("--out", default="grape_mnist.jsonl")
     args = p.parse_args(argv)
     train, test = load_mnist(Path(args.data))
+    options = {k: v for k, v in (("feedback_lr", args.feedback_lr), ("momentum", args.momentum)) if v is not None}
     from tqdm import tqdm
     modes, seeds = args.modes.split(","), [int(s) for s in args.seeds.split(",")]
     bar = tqdm(total=len(modes) * len(seeds) * args.epochs, unit="epoch", file=sys.stderr)
@@ -114,8 +118,8 @@ def main(argv=None):
         for mode in modes:
             t0 = time.perf_counter()
             acc, angles = run(mode, seed, train, test, args.epochs, args.batch,
-                              lambda m, s, e: (bar.update(1), bar.set_postfix(mode=m, seed=s)), args.model)
-            row = {"model": args.model, "mode": mode, "seed": seed, "epochs": args.epochs, "test_acc": acc,
+                              lambda m, s, e: (bar.update(1), bar.set_postfix(mode=m, seed=s)), args.model, options)
+            row = {"model": args.model, "mode": mode, "options": options if mode == "grape" else {}, "seed": seed, "epochs": args.epochs, "test_acc": acc,
                    "angles_deg": angles, "seconds": time.perf_counter() - t0}
             rows.append(row)
             with open(args.out, "a") as f:

@@ -141,3 +141,17 @@ def test_grape_options_are_validated_together():
     assert len(exc.value.problems) == 5
     with pytest.raises(errors.ConfigError, match="takes no options"):
         bio_ext.convert(tanh_mlp(), "dfa", options={"feedback_lr": 0.1})
+
+
+def test_feedback_rate_decays_with_a_step_count_kept_in_the_state_dict():
+    model = bio_ext.convert(tanh_mlp((6, 7, 5, 4)), "grape", options={"feedback_lr_halflife": 2})
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 4, (8,))
+    for _ in range(4):
+        F.cross_entropy(model(x), y).backward()
+    assert int(model[2].feedback_steps) == 4 and "2.feedback_steps" in model.state_dict()
+    assert int(model[0].feedback_steps) == 0  # the first layer is never perturbed
+    fresh = bio_ext.convert(tanh_mlp((6, 7, 5, 4)), "grape")
+    fresh.load_state_dict(model.state_dict())
+    assert int(fresh[2].feedback_steps) == 4
+    with pytest.raises(errors.ConfigError, match="halflife"):
+        bio_ext.convert(tanh_mlp(), "grape", options={"feedback_lr_halflife": 0})
