@@ -119,7 +119,8 @@ def main(argv=None):
             t0 = time.perf_counter()
             acc, angles = run(mode, seed, train, test, args.epochs, args.batch,
                               lambda m, s, e: (bar.update(1), bar.set_postfix(mode=m, seed=s)), args.model, options)
-            row = {"model": args.model, "mode": mode, "options": options if mode == "grape" else {}, "seed": seed, "epochs": args.epochs, "test_acc": acc,
+            row = {"model": args.model, "mode": mode, "options": options if mode == "grape" else {}, "seed": seed,
+                   "epochs": args.epochs, "test_acc": acc,
                    "angles_deg": angles, "seconds": time.perf_counter() - t0}
             rows.append(row)
             with open(args.out, "a") as f:
