@@ -10,6 +10,8 @@ from .errors import ConfigError, UnknownModeError
 from .modes import INIT_SCHEMES, _MODES
 
 CONV_ERROR = ("norm", "mean", "sum")
+GRANULARITY = ("layer", "macro", "micro")
+ERROR_AT = ("auto", "output", "head_input")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,19 @@ class ConvertConfig:
             selecting / skipping layers; an excluded module's whole subtree is skipped.
         include_types / exclude_types: class names (``"Linear"`` or
             ``"torch.nn.modules.linear.Linear"``) selecting / skipping layers by type.
+        error_at: where direct modes take the error ``e``: ``output`` (the output layer's
+            output), ``head_input`` (the output layer's input: the output layer trains on the
+            true error and hands ``W^T e`` back, one layer of backprop, so the feedback size
+            does not grow with a language model's vocabulary) or ``auto`` (default:
+            ``head_input`` when the output layer looks like a vocabulary head: named
+            ``lm_head``, tied to an ``nn.Embedding``, or at least 8x wider than its input;
+            else ``output``).
+        granularity: where direct modes inject feedback: ``layer`` (default, the input of
+            every converted layer), ``macro`` (the output of every transformer block, with
+            backprop inside blocks) or ``micro`` (the output of every attention and MLP
+            sub-layer and block). See :mod:`bio_ext.points`.
+        points: explicit module names for the macro/micro feedback points (overrides the
+            automatic discovery of blocks and sub-layers).
         seed: seeds the feedback initialisation (None: torch's global RNG).
         output_key: where the output tensor is in a tuple (int) or dict/ModelOutput
             (str) output; default ``logits`` for mappings, first tensor for tuples.
@@ -54,10 +69,13 @@ class ConvertConfig:
     seed: Optional[int] = None
     output_key: Optional[Union[str, int]] = None
     output_layer: Optional[str] = None
+    error_at: str = "auto"
+    granularity: str = "layer"
+    points: Tuple[str, ...] = ()
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("include", "exclude", "include_types", "exclude_types"):
+        for name in ("include", "exclude", "include_types", "exclude_types", "points"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = (value,)
@@ -83,7 +101,18 @@ class ConvertConfig:
             problems.append(f"scale: must be a positive number, got {self.scale!r}")
         if self.conv_error not in CONV_ERROR:
             problems.append(f"conv_error: {self.conv_error!r} is not one of {', '.join(CONV_ERROR)}")
-        for name in ("include", "exclude", "include_types", "exclude_types"):
+        if self.error_at not in ERROR_AT:
+            problems.append(f"error_at: {self.error_at!r} is not one of {', '.join(ERROR_AT)}")
+        if self.granularity not in GRANULARITY:
+            problems.append(f"granularity: {self.granularity!r} is not one of {', '.join(GRANULARITY)}")
+        elif self.granularity != "layer" and isinstance(self.mode, str) and self.mode in _MODES \
+                and _MODES[self.mode].family != "direct":
+            problems.append(f"granularity: {self.granularity!r} needs a direct-feedback mode (dfa, "
+                            f"grape, ...); mode {self.mode!r} transports its feedback layer by layer: use "
+                            "granularity='layer'")
+        if self.points and self.granularity == "layer":
+            problems.append("points: explicit feedback points need granularity='macro' or 'micro'")
+        for name in ("include", "exclude", "include_types", "exclude_types", "points"):
             bad = [v for v in getattr(self, name) if not isinstance(v, str)]
             if bad:
                 problems.append(f"{name}: entries must be strings, got {bad!r}")
@@ -98,7 +127,7 @@ class ConvertConfig:
     # ------------------------------------------------------------------ round trips
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
-        for name in ("include", "exclude", "include_types", "exclude_types"):
+        for name in ("include", "exclude", "include_types", "exclude_types", "points"):
             d[name] = list(d[name])
         d["options"] = dict(self.options)
         return d

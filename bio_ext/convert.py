@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import logging
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,13 +19,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, U
 import torch
 import torch.nn as nn
 
+from . import points as _points
+from .attention import ExplicitMultiheadAttention
 from .config import ConvertConfig
 from .errors import ConfigError
 from .errors import (AlreadyConvertedError, ConversionError, NothingToConvertError, OutputDimError, OutputTypeError,
                      UnsupportedModuleError)
 from .layers import FeedbackConv2d, FeedbackLayer, FeedbackLinear
 from .modes import ModeSpec, get_mode
-from .session import ErrorTap, FeedbackBank, FeedbackSession, _set_session, output_hook, remove_hooks
+from .session import (ErrorTap, FeedbackBank, FeedbackSession, _set_session, input_tap_hook, output_hook,
+                      remove_hooks)
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +36,26 @@ Handler = Callable[[nn.Module, ModeSpec], FeedbackLayer]
 _HANDLERS: Dict[type, Handler] = {}
 _OUTPUT_SIZE: Dict[type, Callable[[nn.Module], int]] = {}
 
-#: modules whose forward does not call their children, so converting the children would change nothing
-_REFUSED: Dict[type, str] = {
-    nn.MultiheadAttention: "its forward runs a functional attention path that never calls the swapped "
-                           "projection layers",
-}
+#: modules whose forward does not call their children are replaced by an equivalent module that does
+#: (type -> function building it; the replacement's ``to_original()`` gives the original back)
+_EXPANDERS: Dict[type, Callable[[nn.Module], nn.Module]] = {}
+_ATTENTION_NAME = re.compile(r"attention|attn", re.I)
+
+
+def register_expander(*types: type):
+    """Decorator registering a function that rebuilds modules of exactly these types as equivalent
+    modules whose projections are child layers. The rebuilt module's class sets
+    ``bio_ext_expanded = True`` and has ``to_original()``, which :func:`revert` calls."""
+
+    def deco(fn):
+        for t in types:
+            _EXPANDERS[t] = fn
+        return fn
+
+    return deco
+
+
+register_expander(nn.MultiheadAttention)(ExplicitMultiheadAttention)
 
 
 def register_layer(*types: type, output_size: Optional[Callable[[nn.Module], int]] = None):
@@ -82,10 +101,43 @@ def _handler_for(module: nn.Module) -> Optional[Handler]:
 
 
 def _refusal(module: nn.Module) -> Optional[str]:
-    for t, why in _REFUSED.items():
-        if isinstance(module, t):
-            return why
+    """Why converting inside ``module`` would silently do nothing (an attention module bio_ext does not know)."""
+    t = type(module)
+    if t in _EXPANDERS or getattr(t, "bio_ext_expanded", False):
+        return None
+    if isinstance(module, nn.MultiheadAttention):
+        return ("a subclass of nn.MultiheadAttention with its own forward, which runs on its weight tensors "
+                "rather than on child layers")
+    own = [n for n, p in module._parameters.items() if p is not None and p.dim() >= 2]
+    if own and _ATTENTION_NAME.search(t.__name__) and _handler_for(module) is None:
+        return (f"an attention module bio_ext does not know: its forward uses its own weight tensors {own} "
+                "rather than child layers, so no feedback would reach them. Register an equivalent module "
+                "with bio_ext.register_expander")
     return None
+
+
+def _expand(model: nn.Module, cfg: ConvertConfig) -> List[Tuple[str, nn.Module, nn.Module]]:
+    """Replace (in ``model``) the modules that have an expander; returns what to undo."""
+    done: List[Tuple[str, nn.Module, nn.Module]] = []
+    skipped: List[str] = []
+    for name, module in list(model.named_modules()):
+        if any(name == p or name.startswith(p + ".") for p in skipped):
+            continue
+        if name and _matches(name, module, cfg.exclude, cfg.exclude_types):
+            skipped.append(name)
+            continue
+        fn = _EXPANDERS.get(type(module))
+        if fn is None or not name:
+            continue
+        new = fn(module)
+        _set_child(model, name, new)
+        done.append((name, module, new))
+    return done
+
+
+def _unexpand(model: nn.Module, done) -> None:
+    for name, original, _ in reversed(done):
+        _set_child(model, name, original)
 
 
 # --------------------------------------------------------------------------- root state and hooks
@@ -100,19 +152,21 @@ class BioExtState:
     output_dim: Optional[int]
     layer_names: List[str]
     output_layer: Optional[str] = None
+    points: List[str] = field(default_factory=list)
     bank: FeedbackBank = field(default_factory=FeedbackBank)
     stack: List[Any] = field(default_factory=list)
 
     def __deepcopy__(self, memo):
-        return BioExtState(self.config, self.mode, self.output_dim, list(self.layer_names), self.output_layer)
+        return BioExtState(self.config, self.mode, self.output_dim, list(self.layer_names), self.output_layer,
+                           list(self.points))
 
     def __getstate__(self):
         return {"config": self.config.to_dict(), "mode": self.mode.name, "output_dim": self.output_dim,
-                "layer_names": self.layer_names, "output_layer": self.output_layer}
+                "layer_names": self.layer_names, "output_layer": self.output_layer, "points": self.points}
 
     def __setstate__(self, s):
         self.__init__(ConvertConfig.from_dict(s["config"]), get_mode(s["mode"]), s["output_dim"],
-                      s["layer_names"], s["output_layer"])
+                      s["layer_names"], s["output_layer"], s.get("points", []))
 
 
 def _state(model: nn.Module) -> Optional[BioExtState]:
@@ -127,7 +181,11 @@ def _root_pre_hook(module: nn.Module, args):
     level = None
     if session is not None and session.rule is not None:
         import torch.autograd.forward_ad as fwAD
-        level = fwAD.enter_dual_level()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        # forward-mode AD: only the math SDPA backend has tangent formulas (flash/efficient kernels do not)
+        math_only = sdpa_kernel([SDPBackend.MATH])
+        math_only.__enter__()
+        level = (fwAD.enter_dual_level(), math_only)
     state.stack.append(_set_session(session))
     state.stack.append((session, level))
     return None
@@ -141,7 +199,8 @@ def _root_hook(module: nn.Module, args, output):
     _set_session(state.stack.pop())
     if level is not None:
         import torch.autograd.forward_ad as fwAD
-        fwAD.exit_dual_level(level=level)
+        fwAD.exit_dual_level(level=level[0])
+        level[1].__exit__(None, None, None)
     return None
 
 
@@ -336,43 +395,98 @@ def convert(model: nn.Module, mode: Union[str, ConvertConfig] = "dfa", *, output
             f"the model is converted already (converted layers: {converted[:5] or ['<root>']}); call "
             "bio_ext.revert(model) first, or convert the original model")
 
-    selected, refused, last_out = _plan(model, cfg)
-    if refused:
+    work = model if inplace else copy.deepcopy(model)
+    expanded = _expand(work, cfg)
+    try:
+        root = _convert_planned(work, cfg, spec)
+    except BaseException:
+        if inplace:
+            _unexpand(work, expanded)
+        raise
+    log.info("converted %s to mode %r (%s granularity, %d layers, %d feedback points)", type(model).__name__,
+             spec.name, cfg.granularity, len(_state(root).layer_names), len(_state(root).points))
+    return root
+
+
+def _head_sizes(module: nn.Module) -> Optional[Tuple[int, int]]:
+    """(in, out) sizes of an output layer, when it is a Linear/Conv1D."""
+    out = _output_size(module)
+    if out is None:
+        return None
+    w = getattr(module, "weight", None)
+    if w is None or w.dim() != 2:
+        return None
+    return (w.shape[1], out) if w.shape[0] == out else (w.shape[0], out)
+
+
+def _is_lm_head(model: nn.Module, name: str, sizes: Tuple[int, int]) -> bool:
+    """Whether an output layer looks like a language model's vocabulary head: named ``lm_head``, tied to
+    an embedding of the model, or at least 8x wider than its input."""
+    if name.rsplit(".", 1)[-1] == "lm_head" or sizes[1] >= 8 * sizes[0]:
+        return True
+    weight = model.get_submodule(name).weight
+    return any(isinstance(m, nn.Embedding) and m.weight is weight for m in model.modules())
+
+
+def _convert_planned(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec) -> nn.Module:
+    """Plan on ``target`` (which may be modified only once nothing can fail), then swap."""
+    layered = cfg.granularity == "layer"
+    selected, refused, last_out = _plan(target, cfg)
+    if refused and layered:
         raise UnsupportedModuleError(
             "cannot convert: " + "; ".join(refused) + ". Skip these modules with "
             "exclude=[...names...] (they then train with plain backprop), or replace them with modules "
             "that call nn.Linear layers.")
-    if not selected:
+    point_plan: List[Tuple[str, int]] = []
+    if not layered:
+        point_plan = _points.plan_points(target, cfg.granularity, cfg.points)
+        selected = []  # ordinary backprop inside blocks and sub-layers
+    elif not selected:
         raise NothingToConvertError(
-            f"no layer to convert in {type(model).__name__}: bio_ext converts nn.Linear, nn.Conv2d and "
+            f"no layer to convert in {type(target).__name__}: bio_ext converts nn.Linear, nn.Conv2d and "
             "transformers Conv1D (check include/exclude if you set them)")
-    out_dim, out_layer = cfg.output_dim, None
+    out_dim, out_layer, at_input = cfg.output_dim, None, False
     if spec.family == "direct":
         out_layer = cfg.output_layer if cfg.output_layer is not None else last_out
         if out_layer is None:
             raise OutputDimError(
-                f"cannot find the output layer of {type(model).__name__} (it has no nn.Linear): pass "
+                f"cannot find the output layer of {type(target).__name__} (it has no nn.Linear): pass "
                 "output_layer='' to take the error at the model's return value, with "
                 "output_dim=<size of the output's last dimension>")
         try:
-            out_module = model.get_submodule(out_layer)
+            out_module = target.get_submodule(out_layer)
         except AttributeError:
             raise ConversionError(
-                f"output_layer={out_layer!r} is not a submodule of {type(model).__name__}; pass the qualified "
+                f"output_layer={out_layer!r} is not a submodule of {type(target).__name__}; pass the qualified "
                 "name of the layer that produces the output (as in model.named_modules())") from None
-        if out_dim is None:
+        sizes = _head_sizes(out_module) if out_layer else None
+        if cfg.error_at == "head_input" and sizes is None:
+            raise ConversionError(
+                f"error_at='head_input' needs an output layer that is a Linear/Conv1D, but "
+                f"{out_layer or '<root>'!r} is a {type(out_module).__name__}; pass output_layer=<its name> or "
+                "use error_at='output'")
+        at_input = sizes is not None and (cfg.error_at == "head_input" or
+                                          (cfg.error_at == "auto" and _is_lm_head(target, out_layer, sizes)))
+        if at_input:
+            if out_dim is not None and out_dim != sizes[0]:
+                raise OutputDimError(
+                    f"error_at='head_input' takes the error at the input of {out_layer!r}, of size {sizes[0]}, "
+                    f"but output_dim={out_dim}; leave output_dim unset")
+            out_dim = sizes[0]
+            selected = [(n, h) for n, h in selected if n != out_layer]  # trains on the true error
+        elif out_dim is None:
             out_dim = _output_size(out_module)
             if out_dim is None:
                 raise OutputDimError(
-                    f"cannot infer the output size of {type(model).__name__} from {out_layer or '<root>'!r}; "
+                    f"cannot infer the output size of {type(target).__name__} from {out_layer or '<root>'!r}; "
                     "pass output_dim=<size of the output's last dimension>")
 
-    if spec.rule.forward_gradient and len(selected) < 2:
+    n_points = len(selected) if layered else len(point_plan) + 1
+    if spec.rule.forward_gradient and n_points < 2:
         raise NothingToConvertError(
             f"mode {spec.name!r} perturbs the inputs of converted layers after the first, and "
-            f"{type(model).__name__} has {len(selected)} layer(s) to convert: there is nothing to perturb. "
+            f"{type(target).__name__} has {len(selected)} layer(s) to convert: there is nothing to perturb. "
             "Use 'dfa' for a single layer, or convert a deeper model.")
-    target = model if inplace else copy.deepcopy(model)
     generator = None
     if cfg.seed is not None:
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -391,15 +505,19 @@ def convert(model: nn.Module, mode: Union[str, ConvertConfig] = "dfa", *, output
             _set_child(target, name, new)
         else:
             root = new
-    state = BioExtState(cfg, spec, out_dim, [n for n, _ in new_layers], out_layer)
+    point_names = _points.install(root, point_plan, spec, out_dim, cfg.init, cfg.scale, generator,
+                                  dict(cfg.options)) if point_plan else []
+    state = BioExtState(cfg, spec, out_dim, [n for n, _ in new_layers], out_layer, point_names)
     root.__dict__["_bio_ext"] = state
     if spec.family == "direct":
         tap_module = root.get_submodule(out_layer)
         tap_module.__dict__["_bio_ext_tap"] = (out_dim, cfg.output_key)
-        tap_module.register_forward_hook(output_hook)
+        if at_input:
+            tap_module.register_forward_pre_hook(input_tap_hook)
+        else:
+            tap_module.register_forward_hook(output_hook)
         root.register_forward_pre_hook(_root_pre_hook)
         root.register_forward_hook(_root_hook, always_call=True)
-    log.info("converted %d layers of %s to mode %r", len(new_layers), type(model).__name__, spec.name)
     return root
 
 
@@ -410,17 +528,20 @@ def revert(model: nn.Module) -> nn.Module:
     Feedback tensors are dropped.
     """
     root = model
-    for name, module in list(model.named_modules()):
-        if isinstance(module, FeedbackLayer):
-            original = module.to_original()
-            if name:
-                _set_child(model, name, original)
-            else:
-                root = original
+    for pick in (lambda m: isinstance(m, FeedbackLayer),  # layers first, then the modules holding them
+                 lambda m: getattr(type(m), "bio_ext_expanded", False)):
+        for name, module in list(root.named_modules()):
+            if pick(module):
+                original = module.to_original()
+                if name:
+                    _set_child(root, name, original)
+                else:
+                    root = original
+    _points.uninstall(root)
     for m in [model, root, *root.modules()]:
         m.__dict__.pop("_bio_ext", None)
         m.__dict__.pop("_bio_ext_tap", None)
-        remove_hooks(m, (_root_pre_hook, _root_hook, output_hook))
+        remove_hooks(m, (_root_pre_hook, _root_hook, output_hook, input_tap_hook))
     return root
 
 

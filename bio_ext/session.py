@@ -153,6 +153,16 @@ def output_hook(module, args, output):
     return tap_output(output, session, *tap)
 
 
+def input_tap_hook(module, args):
+    """Forward pre-hook on the output layer for ``error_at='head_input'``: taps its input instead."""
+    session = current_session()
+    tap = module.__dict__.get("_bio_ext_tap")
+    if session is None or tap is None or not args:
+        return None
+    from .convert import tap_output
+    return (tap_output(args[0], session, tap[0]), *args[1:])
+
+
 HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
 

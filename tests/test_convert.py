@@ -261,24 +261,39 @@ def test_output_size_mismatch_is_reported_at_forward():
         model(torch.randn(2, 6))
 
 
-def test_multihead_attention_is_refused_with_the_fix_and_model_untouched():
+class OwnWeightAttention(nn.Module):
+    """An attention module bio_ext does not know: its forward uses its own weight tensor."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.qkv_weight = nn.Parameter(torch.randn(3 * d, d) / d ** 0.5)
+
+    def forward(self, x):
+        q, k, v = F.linear(x, self.qkv_weight).chunk(3, -1)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_unknown_attention_is_refused_with_the_fix_and_model_untouched():
     class Att(nn.Module):
         def __init__(self):
             super().__init__()
-            self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)  # known: expanded, then rolled back
+            self.att = OwnWeightAttention()
             self.head = nn.Linear(8, 3)
 
         def forward(self, x):
-            return self.head(self.att(x, x, x)[0])
+            return self.head(self.att(self.mha(x, x, x)[0]))
 
     model = Att()
     snap = snapshot(model)
     with pytest.raises(errors.UnsupportedModuleError, match="exclude") as exc:
         bio_ext.convert(model, "dfa", inplace=True)
-    assert isinstance(exc.value, TypeError) and "att" in str(exc.value)
+    assert isinstance(exc.value, TypeError) and "att (OwnWeightAttention" in str(exc.value)
+    assert "register_expander" in str(exc.value)
     assert_untouched(model, snap)
+    assert type(model.mha) is nn.MultiheadAttention
     conv = bio_ext.convert(model, "dfa", exclude=["att"])
-    assert [n for n, _ in bio_ext.feedback_layers(conv)] == ["head"]
+    assert [n for n, _ in bio_ext.feedback_layers(conv)] == ["mha.in_proj", "mha.out_proj", "head"]
 
 
 def test_converting_twice_is_refused():

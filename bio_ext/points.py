@@ -1,0 +1,239 @@
+"""Feedback points: direct feedback injected at a module's output (macro/micro granularity).
+
+The per-layer granularity (``convert``'s default) injects the projected error at
+the input of every converted layer. The coarser granularities of the DFA-at-scale
+work on Transformers (Launay et al. 2020, used by the GrAPE seed's Table 3) keep
+ordinary backprop *inside* a unit and inject ``B_k e`` at its output instead:
+
+``macro``
+    one point at the output of every transformer block (the repeated modules of
+    the model's main stack: ``transformer.h``, ``encoder.layer``, ``model.layers``,
+    ``encoder.layers``, ...).
+``micro``
+    a point at the output of each block's attention sub-layer and MLP sub-layer,
+    and at the block output, so no gradient travels from one block to the
+    previous one along the residual stream either. Backprop still runs through the
+    attention mechanism itself, as in Launay et al. (their Appendix D).
+
+At a point, the backward *replaces* the incoming gradient of the module's output
+by the projection ``e @ B_k`` (broadcast over tokens when ``e`` has one row per
+example); in GrAPE mode the forward adds the perturbation to the tangent at that
+same tensor, so the forward-gradient estimate is of the gradient the feedback
+stands for. The feedback tensors are buffers of the module named
+``bio_ext_feedback`` (and, for GrAPE, ``bio_ext_feedback_velocity`` etc.), so
+``state_dict`` carries them; ``revert`` removes them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch.autograd import Function
+
+from .autograd import fit_rows
+from .errors import ConfigError, FeedbackSignalError
+from .modes import FeedbackSpec, ModeSpec
+from .session import current_session
+
+POINT_ATTR = "bio_ext_point"
+_ATTENTION = re.compile(r"attention|attn", re.I)
+_MLP = re.compile(r"mlp|feedforward|feed_forward|ffn", re.I)
+
+
+class PointFn(Function):
+    """Identity whose backward hands the session's projection of the output error, not the incoming gradient."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, session, slot: int) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.session, ctx.slot, ctx.shape = inputs[1], inputs[2], inputs[0].shape
+
+    @staticmethod
+    def jvp(ctx, x_t, _session, _slot):
+        return x_t.view_as(x_t)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return fit_rows(ctx.session.take(ctx.slot), ctx.shape, "feedback point").to(g.dtype), None, None
+
+
+class FeedbackPoint:
+    """The feedback of one point. Its tensors are buffers of the host module named ``bio_ext_<name>``
+    (``bio_ext_feedback`` is ``(output_dim, width)``), so ``state_dict``, ``.to()`` and deep copies
+    carry them; the point itself is kept in the host's ``__dict__``, not as a child module, so
+    containers such as ``nn.Sequential`` that call their children are not changed."""
+
+    PREFIX = "bio_ext_"
+
+    def __init__(self, host: nn.Module, mode: ModeSpec, width: int, output_dim: int, init: str, scale: float,
+                 generator: Optional[torch.Generator], options: Dict[str, Any], like: torch.Tensor) -> None:
+        d = self.__dict__
+        d["host"], d["_mode"], d["_mode_options"], d["width"] = host, mode, dict(options), width
+        spec = FeedbackSpec((output_dim, width), width, output_dim, init, scale)
+        for name, t in mode.rule.create(like.detach(), spec, generator).items():
+            host.register_buffer(self.PREFIX + name, t)
+
+    def __getattr__(self, name: str):
+        host = self.__dict__.get("host")
+        buffers = host._buffers if host is not None else {}
+        if self.PREFIX + name in buffers:
+            return buffers[self.PREFIX + name]
+        raise AttributeError(f"feedback point has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        buffers = self.__dict__["host"]._buffers
+        if self.PREFIX + name in buffers:
+            buffers[self.PREFIX + name] = value
+        else:
+            self.__dict__[name] = value
+
+    @property
+    def mode(self) -> str:
+        return self._mode.name
+
+    def project_error(self, e: torch.Tensor, feedback: torch.Tensor, info=None) -> torch.Tensor:
+        return e.mm(feedback.reshape(feedback.shape[0], -1))
+
+    def inject(self, out: torch.Tensor) -> torch.Tensor:
+        session = current_session()
+        if session is None or not out.requires_grad:
+            return out
+        if out.shape[-1] != self.width:
+            raise FeedbackSignalError(
+                f"a feedback point was built for outputs of width {self.width} but its module returned "
+                f"{tuple(out.shape)}; pass points=[...] naming modules whose output's last dimension is the "
+                "hidden size")
+        slot = session.register(self.feedback, self, None)
+        if session.rule is not None:
+            out = session.perturb(slot, out)
+        return PointFn.apply(out, session, slot)
+
+    def __repr__(self) -> str:
+        return f"FeedbackPoint(width={self.width}, mode={self.mode})"
+
+
+def point_hook(module: nn.Module, args, output):
+    point = module.__dict__.get(POINT_ATTR)
+    if point is None or current_session() is None:
+        return None
+    from .convert import find_output
+    tensor, put = find_output(output)
+    return put(point.inject(tensor))
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def _is_layer(module: nn.Module) -> bool:
+    from .convert import _handler_for
+    return _handler_for(module) is not None
+
+
+def _last_layer_width(module: nn.Module) -> Optional[int]:
+    """Out size of the last Linear/Conv1D registered in ``module`` (a transformer unit's output width)."""
+    from .convert import _output_size
+    width = None
+    for m in module.modules():
+        size = _output_size(m)
+        if size is not None:
+            width = size
+    return width
+
+
+def find_blocks(model: nn.Module) -> List[str]:
+    """The repeated blocks of the model's main stack: the children of the ModuleList/Sequential
+    with at least two children of one class holding layers, the one with most parameters."""
+    best: Tuple[int, List[str]] = (0, [])
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < 2:
+            continue
+        kids = list(mod.named_children())
+        if len({type(m) for _, m in kids}) != 1 or _is_layer(kids[0][1]):
+            continue
+        if _last_layer_width(kids[0][1]) is None:
+            continue
+        size = sum(p.numel() for p in mod.parameters())
+        if size > best[0]:
+            best = (size, [f"{name}.{k}" if name else k for k, _ in kids])
+    return best[1]
+
+
+def sublayers(block: nn.Module, prefix: str) -> List[str]:
+    """The attention and MLP sub-layers of a transformer block (direct children)."""
+    kids = [(n, m) for n, m in block.named_children() if _last_layer_width(m) is not None]
+    attn = next((n for n, m in kids if _ATTENTION.search(type(m).__name__)
+                 or isinstance(m, nn.MultiheadAttention)), None)
+    mlp = next((n for n, m in kids if n != attn and _MLP.search(type(m).__name__)), None)
+    if mlp is None:  # e.g. BERT's intermediate/output, nn.TransformerEncoderLayer's linear2
+        rest = [n for n, _ in kids if n != attn]
+        mlp = rest[-1] if rest else None
+    return [f"{prefix}.{n}" for n in (attn, mlp) if n is not None]
+
+
+def plan_points(model: nn.Module, granularity: str, explicit: Sequence[str]) -> List[Tuple[str, int]]:
+    """``(module name, output width)`` of every feedback point, in forward order of the model's modules."""
+    if explicit:
+        names = list(explicit)
+        missing = [n for n in names if not _has(model, n)]
+        if missing:
+            raise ConfigError([f"points: {n!r} is not a submodule of {type(model).__name__}" for n in missing],
+                              what="feedback points")
+    else:
+        blocks = find_blocks(model)
+        if not blocks:
+            raise ConfigError(
+                [f"granularity={granularity!r}: found no repeated transformer blocks in {type(model).__name__} "
+                 "(a ModuleList/Sequential of identical modules holding Linear layers); pass points=[...] with the "
+                 "names of the modules whose outputs get feedback"], what="feedback points")
+        names = []
+        for b in blocks:
+            if granularity == "micro":
+                names += sublayers(model.get_submodule(b), b)
+            names.append(b)
+    out, problems = [], []
+    for n in names:
+        width = _last_layer_width(model.get_submodule(n))
+        if width is None:
+            problems.append(f"points: {n!r} holds no Linear/Conv1D layer, so its output width is unknown")
+        out.append((n, width))
+    if problems:
+        raise ConfigError(problems, what="feedback points")
+    return out
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def install(model: nn.Module, plan: Sequence[Tuple[str, int]], mode: ModeSpec, output_dim: int, init: str,
+            scale: float, generator: Optional[torch.Generator], options: Dict[str, Any]) -> List[str]:
+    like = next(model.parameters())
+    for name, width in plan:
+        mod = model.get_submodule(name)
+        mod.__dict__[POINT_ATTR] = FeedbackPoint(mod, mode, width, output_dim, init, scale, generator, options, like)
+        mod.register_forward_hook(point_hook)
+    return [n for n, _ in plan]
+
+
+def uninstall(model: nn.Module) -> None:
+    from .session import remove_hooks
+    for mod in model.modules():
+        if mod.__dict__.pop(POINT_ATTR, None) is not None:
+            for k in [k for k in mod._buffers if k.startswith(FeedbackPoint.PREFIX)]:
+                del mod._buffers[k]
+            remove_hooks(mod, (point_hook,))
+
+
+def feedback_points(model: nn.Module) -> List[Tuple[str, FeedbackPoint]]:
+    """The feedback points of a model converted with granularity macro/micro, by host module name."""
+    return [(n, m.__dict__[POINT_ATTR]) for n, m in model.named_modules() if POINT_ATTR in m.__dict__]
