@@ -151,10 +151,11 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
         with torch.enable_grad():
             b = fb.detach().to(e.dtype).requires_grad_(True)
             p = layer.project_error(e.detach(), b, info)
-            if p.shape[1] != g.shape[1]:
+            width = p[0].numel()
+            if width != g.shape[1]:
                 # one error row per example but several positions (tokens) per example at this layer: the
                 # projection is spread evenly over them, so the best it can align with is their sum
-                g = g.reshape(g.shape[0], -1, p.shape[1]).sum(1)
+                g = g.reshape(g.shape[0], -1, width).sum(1)
             cos = batch_cosine(p, g)
             (grad,) = torch.autograd.grad(cos, b)
         with torch.no_grad():
