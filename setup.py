@@ -23,7 +23,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.40"],
+        "test": ["pytest>=7", "transformers>=4.40", "accelerate"],
         "hf": ["transformers>=4.40"],
     },
     entry_points={"console_scripts": ["bio-ext-quickstart=bio_ext.quickstart:main"]},

@@ -8,13 +8,14 @@
 from . import errors
 from . import grape  # noqa: F401  (registers the 'grape' mode)
 from .config import ConvertConfig
-from .convert import convert, feedback_layers, is_converted, register_layer, revert
+from .convert import convert, feedback_layers, is_converted, register_expander, register_layer, revert
 from .errors import (AlreadyConvertedError, BioExtError, ConfigError, ConversionError, FeedbackSignalError,
                      NothingToConvertError, OutputDimError, OutputTypeError, UnknownModeError,
                      UnsupportedModuleError)
 from .inspection import alignment, input_gradients
 from .layers import FeedbackConv2d, FeedbackLayer, FeedbackLinear
 from .modes import FeedbackRule, available_modes, get_mode, register_mode
+from .points import feedback_points
 
 __version__ = "0.1.0"
 
@@ -23,5 +24,5 @@ __all__ = [
     "available_modes", "get_mode", "FeedbackRule", "ConvertConfig", "FeedbackLayer", "FeedbackLinear",
     "FeedbackConv2d", "errors", "BioExtError", "ConfigError", "UnknownModeError", "ConversionError",
     "AlreadyConvertedError", "NothingToConvertError", "OutputDimError", "UnsupportedModuleError",
-    "OutputTypeError", "FeedbackSignalError",
+    "OutputTypeError", "FeedbackSignalError", "feedback_points", "register_expander",
 ]

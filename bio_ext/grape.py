@@ -17,7 +17,11 @@ One step, inside the user's ordinary ``model(x)`` / ``loss.backward()``:
    the per-example directional derivative is ``d_n = <e_n, t_n>`` (no forward pass
    through the loss is needed) and layer ``l``'s activity-perturbed forward
    gradient is ``g_l[n] = d_n u_l[n]``, an unbiased estimate of ``dL/dx_l[n]``
-   (tested).
+   (tested). When the output has several rows per example (the tokens of a
+   sequence: the first dimension of the output is taken as the examples), ``d_n``
+   sums ``<e_r, t_r>`` over all rows ``r`` of example ``n``: a perturbation at one
+   token moves the outputs at the other tokens through attention, and a per-token
+   product would drop those terms (a biased estimate; tested on GPT-2 blocks).
 3. **Feedback update (the rule the paper's text describes).** Equation 6 as
    printed, ``B <- B - eta (1 - cos) B``, only rescales ``B`` and cannot turn it. We
    step ``B`` along the gradient of ``cos(P_l, g_l)`` instead, where
@@ -132,17 +136,21 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
         return buffers
 
     def before_projection(self, session, e: torch.Tensor) -> None:
-        d = (e * session.out_tangent.to(e.dtype)).sum(-1)  # (N,) per-row directional derivatives
         n = e.shape[0]
+        d = (e * session.out_tangent.to(e.dtype)).sum(-1)  # (n,) per-row directional derivatives
+        # one directional derivative per example: the rows of one example (the tokens of a sequence) interact
+        # (attention), so a perturbation at token j moves the outputs at other tokens of the same example
+        ex = session.examples or n
+        d = d.reshape(ex, -1).sum(1)
         for slot, layer in enumerate(session.layers):
             u = session.perturbations[slot]
             if u is None or layer is None:
                 continue
             rows = u.numel() // u.shape[-1]
-            if u.shape[0] != n and rows != n:
-                continue  # the error is per example but this input has more rows: no estimate
+            if u.shape[0] != ex or rows % n:
+                continue  # the rows of this input cannot be matched with the examples: no estimate
+            g = (u * d.reshape((ex,) + (1,) * (u.dim() - 1)).to(u.dtype)).reshape(n, -1).to(e.dtype)
             opts = {**DEFAULTS, **layer.__dict__.get("_mode_options", {})}
-            g = (u.reshape(n, -1) * d[:, None]).to(e.dtype)
             self.step(layer, e, g, session.infos[slot], opts)
 
     @staticmethod

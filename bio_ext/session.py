@@ -62,7 +62,7 @@ class FeedbackSession:
     """One forward pass of a converted model: the layers waiting for the output error."""
 
     __slots__ = ("bank", "output_dim", "feedbacks", "widths", "proj", "error", "layers", "infos",
-                 "rule", "perturbations", "out_tangent", "__weakref__")
+                 "rule", "perturbations", "out_tangent", "examples", "__weakref__")
 
     def __init__(self, bank: FeedbackBank, output_dim: int, rule=None) -> None:
         self.bank = bank
@@ -77,6 +77,9 @@ class FeedbackSession:
         self.rule = rule if rule is not None and getattr(rule, "forward_gradient", False) else None
         self.perturbations: List[Optional[torch.Tensor]] = []
         self.out_tangent: Optional[torch.Tensor] = None
+        #: number of independent examples in the output (its first dimension); the rows of ``out_tangent``
+        #: (e.g. the tokens of a sequence) are grouped by example for the forward gradient
+        self.examples: Optional[int] = None
 
     def register(self, feedback: torch.Tensor, layer: Any = None, info: Any = None) -> int:
         """Reserve a slot for a layer whose input needs a gradient; returns the slot."""
