@@ -137,9 +137,13 @@ def train(run: str, train_ids: torch.Tensor, val_ids: torch.Tensor, vocab: int, 
     seconds = time.perf_counter() - t0
     ppl = perplexity(model, val_ids, args.eval_windows)
     tail = losses[-max(1, args.steps // 20):]
+    # GrAPE: mini-batch cosine between each point's projected error and its forward-gradient estimate, last step
+    sites = [m for _, m in bio_ext.feedback_layers(model)] + [p for _, p in bio_ext.feedback_points(model)] \
+        if bio_ext.is_converted(model) else []
+    cos = [float(m.grape_cos) for m in sites if hasattr(m, "grape_cos")]
     return {"run": run, "steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
             "options": options if run.startswith("grape") else {}, "val_ppl": ppl,
-            "train_loss_end": sum(tail) / len(tail), "seconds": seconds}
+            "train_loss_end": sum(tail) / len(tail), "seconds": seconds, "grape_cos_last": cos}
 
 
 def step_times(runs: List[str], train_ids: torch.Tensor, vocab: int, args, options: Dict) -> Dict[str, float]:
