@@ -163,6 +163,11 @@ def test_torchvision_small_input_stem_and_channel_adaptation():
 def test_large_torchvision_models_build_for_cifar_and_convert(name):
     m = build_model(name, num_classes=10, input_shape=(3, 32, 32))
     x = torch.randn(2, 3, 32, 32)
+    assert m(x).shape == (2, 10)
+    if name == "swin_t":   # bio_ext cannot convert torchvision's ShiftedWindowAttention (own weight tensors)
+        with pytest.raises(bio_ext.UnsupportedModuleError, match="ShiftedWindowAttention"):
+            bio_ext.convert(m, "dfa")
+        return
     conv = bio_ext.convert(m, "dfa")
     F.cross_entropy(conv(x), torch.tensor([1, 2])).backward()
 
