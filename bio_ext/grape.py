@@ -65,9 +65,24 @@ Options (``convert(model, "grape", options={...})``):
 ``momentum`` (default 0.9)
     moving average of the feedback update; 0 disables it.
 ``directions`` (default 1)
-    tangent directions per step. Only 1 is implemented (one forward, one backward).
+    tangent directions per step, ``K``. ``torch.autograd.forward_ad`` carries one tangent per
+    forward, so ``K > 1`` replays the forward ``K - 1`` more times right after it, under
+    ``no_grad`` and with tangents only (no autograd graph): each replay restarts the global RNG
+    where the forward started (same dropout masks, so the same function is differentiated),
+    draws fresh perturbations from a per-step generator, and updates copies of BatchNorm's
+    running statistics that are thrown away; afterwards the RNG continues as after one forward.
+    The estimate is the mean ``g_l = (1/K) sum_k d^k u_l^k``: still unbiased, with ``1/K`` of the
+    variance (both tested). Each replay costs about one forward with tangents, so ``K = 1`` keeps
+    the one-forward-one-backward cost the paper sells; the moving average (``momentum``) is the
+    free way to cut variance.
 ``perturbation`` (default ``"input"``)
-    where the perturbation is added: the layer input, where the feedback is injected.
+    where the perturbation is added: the layer input, i.e. the very tensor at which the feedback
+    is injected, so ``g_l`` estimates the gradient that ``e @ B_l`` stands in for (with
+    ``granularity='macro'``/``'micro'``, the feedback point's tensor). This is the only point at
+    which the estimate and the projection are of the same quantity; perturbing a layer's output
+    or its weights estimates a different gradient, which the feedback cannot be compared with
+    without transporting it back through the layer (i.e. backprop). The option is kept so a
+    config states it explicitly; any other value is refused.
 ``keep_estimate`` (default False)
     keep the last ``g_l`` on each layer as ``layer.forward_gradient`` (for analysis).
 
@@ -102,9 +117,9 @@ def validate_options(options: Mapping[str, Any]) -> List[str]:
     mom = options.get("momentum", DEFAULTS["momentum"])
     if isinstance(mom, bool) or not isinstance(mom, (int, float)) or not 0 <= mom < 1:
         problems.append(f"options.momentum: must be in [0, 1), got {mom!r}")
-    if options.get("directions", 1) != 1:
-        problems.append(f"options.directions: only 1 tangent direction per step is implemented, got "
-                        f"{options.get('directions')!r}")
+    k = options.get("directions", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        problems.append(f"options.directions: must be an int >= 1 (tangent directions per step), got {k!r}")
     if options.get("perturbation", "input") != "input":
         problems.append(f"options.perturbation: only 'input' (the point where feedback is injected) is "
                         f"implemented, got {options.get('perturbation')!r}")
@@ -137,11 +152,17 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
 
     def before_projection(self, session, e: torch.Tensor) -> None:
         n = e.shape[0]
-        d = (e * session.out_tangent.to(e.dtype)).sum(-1)  # (n,) per-row directional derivatives
-        # one directional derivative per example: the rows of one example (the tokens of a sequence) interact
-        # (attention), so a perturbation at token j moves the outputs at other tokens of the same example
+        # one directional derivative per example and tangent direction: the rows of one example (the tokens
+        # of a sequence) interact (attention), so a perturbation at token j moves the outputs at other tokens
         ex = session.examples or n
-        d = d.reshape(ex, -1).sum(1)
+
+        def per_example(tangent):
+            return (e * tangent.to(e.dtype)).sum(-1).reshape(ex, -1).sum(1)
+
+        directions = [(session.perturbations, per_example(session.out_tangent))]
+        for perturbations, tangent in session.replays:
+            if tangent is not None:
+                directions.append((perturbations, per_example(tangent)))
         for slot, layer in enumerate(session.layers):
             u = session.perturbations[slot]
             if u is None or layer is None:
@@ -149,7 +170,10 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             rows = u.numel() // u.shape[-1]
             if u.shape[0] != ex or rows % n:
                 continue  # the rows of this input cannot be matched with the examples: no estimate
-            g = (u * d.reshape((ex,) + (1,) * (u.dim() - 1)).to(u.dtype)).reshape(n, -1).to(e.dtype)
+            shape = (ex,) + (1,) * (u.dim() - 1)
+            terms = [(us[slot] * d.reshape(shape).to(u.dtype)).reshape(n, -1) for us, d in directions
+                     if slot < len(us) and us[slot] is not None and us[slot].shape == u.shape]
+            g = (terms[0] if len(terms) == 1 else torch.stack(terms).mean(0)).to(e.dtype)
             opts = {**DEFAULTS, **layer.__dict__.get("_mode_options", {})}
             self.step(layer, e, g, session.infos[slot], opts)
 

@@ -62,7 +62,8 @@ class FeedbackSession:
     """One forward pass of a converted model: the layers waiting for the output error."""
 
     __slots__ = ("bank", "output_dim", "feedbacks", "widths", "proj", "error", "layers", "infos",
-                 "rule", "perturbations", "out_tangent", "examples", "__weakref__")
+                 "rule", "signal", "perturbations", "out_tangent", "examples", "generator", "replay", "replays",
+                 "main", "cursor", "__weakref__")
 
     def __init__(self, bank: FeedbackBank, output_dim: int, rule=None) -> None:
         self.bank = bank
@@ -75,11 +76,42 @@ class FeedbackSession:
         self.error: Optional[torch.Tensor] = None
         #: the mode's rule when it uses forward gradients (GrAPE), else None
         self.rule = rule if rule is not None and getattr(rule, "forward_gradient", False) else None
+        #: the rule's error_signal when the mode projects something other than the error (DRTP), else None
+        self.signal = rule.error_signal if rule is not None and getattr(rule, "transforms_error", False) else None
         self.perturbations: List[Optional[torch.Tensor]] = []
         self.out_tangent: Optional[torch.Tensor] = None
         #: number of independent examples in the output (its first dimension); the rows of ``out_tangent``
         #: (e.g. the tokens of a sequence) are grouped by example for the forward gradient
         self.examples: Optional[int] = None
+        #: draws the perturbations when set (several tangent directions: the global RNG must replay)
+        self.generator: Optional[torch.Generator] = None
+        #: (args, kwargs, rng state, directions) of the forward, kept to replay it for more directions
+        self.replay: Any = None
+        #: (perturbations, output tangent) of each extra tangent direction
+        self.replays: List[Tuple[List[torch.Tensor], Optional[torch.Tensor]]] = []
+        #: in a tangent-only replay: the session of the real forward, and how many of its slots were seen
+        self.main: Optional["FeedbackSession"] = None
+        self.cursor = 0
+
+    @classmethod
+    def replay_of(cls, main: "FeedbackSession") -> "FeedbackSession":
+        """A tangent-only session that perturbs the layers of ``main``, in ``main``'s slot order."""
+        s = cls(main.bank, main.output_dim)
+        s.main, s.generator = main, main.generator
+        return s
+
+    @property
+    def tangent_only(self) -> bool:
+        return self.main is not None
+
+    def replay_perturb(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
+        """In a tangent-only replay: perturb ``x`` if ``layer`` holds the next slot of the real forward."""
+        main = self.main
+        if self.cursor >= len(main.layers) or main.layers[self.cursor] is not layer:
+            return x
+        self.cursor += 1
+        self.perturbations.append(None)
+        return self.perturb(len(self.perturbations) - 1, x)
 
     def register(self, feedback: torch.Tensor, layer: Any = None, info: Any = None) -> int:
         """Reserve a slot for a layer whose input needs a gradient; returns the slot."""
@@ -98,7 +130,7 @@ class FeedbackSession:
         """Add a fresh standard-normal perturbation to the forward-mode tangent of ``x``."""
         import torch.autograd.forward_ad as fwAD
         primal, tangent = fwAD.unpack_dual(x)
-        u = torch.randn(primal.shape, dtype=primal.dtype, device=primal.device)
+        u = torch.randn(primal.shape, dtype=primal.dtype, device=primal.device, generator=self.generator)
         self.perturbations[slot] = u
         return fwAD.make_dual(primal, u if tangent is None else tangent + u)
 
@@ -110,6 +142,8 @@ class FeedbackSession:
             return
         if self.rule is not None and self.out_tangent is not None:
             self.rule.before_projection(self, e)
+        if self.signal is not None:
+            e = self.signal(e)
         bcat = self.bank.concat(self.feedbacks, self.output_dim)
         if bcat.dtype != e.dtype:
             bcat = bcat.to(e.dtype)

@@ -83,7 +83,7 @@ ARCHS = {
 }
 IMPLS = ["eager", "sdpa"]
 MODE_GRANULARITY = [("bp", "layer"), ("fa", "layer"), ("dfa", "layer"), ("grape", "layer"), ("dfa", "macro"),
-                    ("dfa", "micro"), ("grape", "macro"), ("grape", "micro")]
+                    ("dfa", "micro"), ("grape", "macro"), ("grape", "micro"), ("drtp", "layer"), ("drtp", "micro")]
 
 
 def _build(arch, impl, dtype=torch.float32):
@@ -120,6 +120,7 @@ def test_converted_model_gives_identical_outputs_and_converts_every_projection(a
             n_blocks = len(model.get_submodule(ARCHS[arch][2]))
             assert len(bio_ext.feedback_points(conv)) == n_blocks * (1 if granularity == "macro" else 3)
         elif mode in ("dfa", "grape") and is_lm:  # error_at='auto' -> head input: the head trains on the true error
+            # (drtp projects a class target recovered from the logits' error, so it keeps the error at the output)
             assert names == linears - {head} and projections <= names
             assert conv._bio_ext.output_dim == model.config.hidden_size
         else:
