@@ -24,6 +24,7 @@ the same process (interleaved rounds, median). Results are appended to ``--out``
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -106,6 +107,26 @@ def perplexity(model, val: torch.Tensor, n_windows: int, batch: int = 64) -> flo
     return math.exp(total / count)
 
 
+def point_alignment(model, chunk: torch.Tensor) -> List[float]:
+    """Per macro/micro feedback point: cosine (over the whole batch) between the injected ``e @ B_k`` and the
+    true gradient at the point's output, ``e`` being the error at the LM head's input. Runs on a copy."""
+    points = bio_ext.feedback_points(model) if bio_ext.is_converted(model) else []
+    if not points:
+        return []
+    plain = bio_ext.revert(copy.deepcopy(model))
+    outs, head = {}, {}
+    hooks = [plain.get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: outs.__setitem__(n, o if isinstance(o, torch.Tensor) else o[0])) for n, _ in points]
+    hooks.append(plain.lm_head.register_forward_pre_hook(lambda m, a: head.__setitem__("x", a[0])))
+    loss = lm_loss(plain, chunk)
+    for h in hooks:
+        h.remove()
+    grads = torch.autograd.grad(loss, [outs[n] for n, _ in points] + [head["x"]])
+    e = grads[-1].reshape(-1, grads[-1].shape[-1])
+    return [F.cosine_similarity((e @ p.feedback.reshape(p.feedback.shape[0], -1)).reshape(-1), g.reshape(-1),
+                                dim=0).item() for (_, p), g in zip(points, grads[:-1])]
+
+
 def lr_at(step: int, steps: int, lr: float) -> float:
     warm = max(1, steps // 20)
     if step < warm:
@@ -141,9 +162,11 @@ def train(run: str, train_ids: torch.Tensor, val_ids: torch.Tensor, vocab: int, 
     sites = [m for _, m in bio_ext.feedback_layers(model)] + [p for _, p in bio_ext.feedback_points(model)] \
         if bio_ext.is_converted(model) else []
     cos = [float(m.grape_cos) for m in sites if hasattr(m, "grape_cos")]
+    align = point_alignment(model, windows(val_ids, torch.arange(16) * 997))
     return {"run": run, "steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
             "options": options if run.startswith("grape") else {}, "val_ppl": ppl,
-            "train_loss_end": sum(tail) / len(tail), "seconds": seconds, "grape_cos_last": cos}
+            "train_loss_end": sum(tail) / len(tail), "seconds": seconds, "grape_cos_last": cos,
+            "point_alignment": align}
 
 
 def step_times(runs: List[str], train_ids: torch.Tensor, vocab: int, args, options: Dict) -> Dict[str, float]:
@@ -212,8 +235,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             rows.append(row)
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            align = row["point_alignment"]
             print(f"{run}: val ppl {row['val_ppl']:.3f}, train loss (last 5%) {row['train_loss_end']:.3f}, "
-                  f"{row['seconds']:.0f} s", flush=True)
+                  f"{row['seconds']:.0f} s" + (f", mean cos(e B_k, true gradient) at the points "
+                                             f"{sum(align) / len(align):.3f}" if align else ""), flush=True)
         bar.close()
         print(f"\n{args.steps} steps, batch {args.batch}x{CONTEXT}, AdamW lr {args.lr}, seed {args.seed}\n")
         print("| run | val perplexity | train loss (last 5 %) | s |\n|---|---:|---:|---:|")
