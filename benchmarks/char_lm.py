@@ -1,7 +1,7 @@
 """Character-level GPT-2 on tiny-shakespeare: BP vs DFA vs GrAPE, macro and micro feedback.
 
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/char_lm.py --steps 400 \
-        --runs bp,dfa:macro,dfa:micro,grape:macro,grape:micro
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/char_lm.py --threads 1 \
+        --runs backprop,dfa:macro,dfa:micro,grape:macro,grape:micro,dfa:layer,grape:layer
 
 The GrAPE seed's Table 3 setting in miniature (WikiText-103 there): a GPT-2-style decoder
 built from ``transformers.GPT2Config`` (4 layers, width 128, 4 heads, context 128, the 65
@@ -192,8 +192,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                    help="folder holding tinyshakespeare/input.txt (default: ../shared/data from the repo root)")
     p.add_argument("--runs", default="backprop,dfa:macro,dfa:micro,grape:macro,grape:micro",
                    help="comma-separated mode[:granularity] (granularity layer, macro or micro); backprop: the plain model")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: none)")
     p.add_argument("--seed", type=int, default=0)
