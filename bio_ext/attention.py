@@ -34,6 +34,29 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 
+#: this module's state_dict keys -> nn.MultiheadAttention's, with packed and with separate q/k/v weights
+_PACKED_KEYS = {"in_proj.weight": "in_proj_weight", "in_proj.bias": "in_proj_bias"}
+_SEPARATE_KEYS = {"q_proj.weight": "q_proj_weight", "k_proj.weight": "k_proj_weight",
+                  "v_proj.weight": "v_proj_weight", "qkv_bias": "in_proj_bias"}
+
+
+def _key_map(module) -> dict:
+    return _PACKED_KEYS if module._qkv_same_embed_dim else _SEPARATE_KEYS
+
+
+def _to_original_keys(module, state_dict, prefix, local_metadata):
+    for ours, theirs in _key_map(module).items():
+        if prefix + ours in state_dict:
+            state_dict[prefix + theirs] = state_dict.pop(prefix + ours)
+    return state_dict
+
+
+def _from_original_keys(module, state_dict, prefix, *_):
+    for ours, theirs in _key_map(module).items():
+        if prefix + theirs in state_dict:
+            state_dict[prefix + ours] = state_dict.pop(prefix + theirs)
+
+
 def _float_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     """Boolean masks (True: not allowed) become additive float masks, as in torch."""
     if mask is None:
@@ -69,6 +92,9 @@ class ExplicitMultiheadAttention(nn.Module):
             self.qkv_bias = mha.in_proj_bias
         self.out_proj = mha.out_proj
         self.bias_k, self.bias_v = mha.bias_k, mha.bias_v
+        # state_dict keeps nn.MultiheadAttention's keys, so checkpoints of the original model load
+        self._register_state_dict_hook(_to_original_keys)
+        self._register_load_state_dict_pre_hook(_from_original_keys, with_module=True)
 
     @staticmethod
     def _linear(weight: nn.Parameter, bias: Optional[nn.Parameter], training: bool) -> nn.Linear:

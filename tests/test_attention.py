@@ -237,3 +237,20 @@ def test_small_torchvision_vit_trains_in_every_mode_and_granularity(mode, granul
     assert losses[-1] < losses[0], losses
     back = bio_ext.revert(conv)
     assert sum(isinstance(m, nn.MultiheadAttention) for m in back.modules()) == 2
+
+
+@pytest.mark.parametrize("case", ["default", "kdim_vdim", "bias_kv"])
+def test_converted_attention_keeps_multihead_attention_state_dict_keys(case):
+    """A checkpoint of the original model loads into the converted one (only feedback buffers are new)."""
+    torch.manual_seed(0)
+    model = _attn_model(MHA_CASES[case]).double()
+    conv = bio_ext.convert(model, "dfa")
+    plain_keys, conv_keys = set(model.state_dict()), set(conv.state_dict())
+    assert plain_keys <= conv_keys
+    assert all(k.endswith("feedback") for k in conv_keys - plain_keys), conv_keys - plain_keys
+    torch.manual_seed(1)
+    fresh = bio_ext.convert(_attn_model(MHA_CASES[case]).double(), "dfa")
+    result = fresh.load_state_dict(model.state_dict(), strict=False)
+    assert not result.unexpected_keys and all(k.endswith("feedback") for k in result.missing_keys)
+    x = torch.randn(3, 6, 5, dtype=torch.float64)
+    torch.testing.assert_close(fresh(x), model(x))
