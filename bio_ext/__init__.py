@@ -12,14 +12,14 @@ from .convert import convert, feedback_layers, is_converted, register_layer, rev
 from .errors import (AlreadyConvertedError, BioExtError, ConfigError, ConversionError, FeedbackSignalError,
                      NothingToConvertError, OutputDimError, OutputTypeError, UnknownModeError,
                      UnsupportedModuleError)
-from .inspection import alignment, input_gradients
+from .inspection import LayerAlignment, alignment, input_gradients
 from .layers import FeedbackConv2d, FeedbackLayer, FeedbackLinear
 from .modes import FeedbackRule, available_modes, get_mode, register_mode
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "convert", "revert", "alignment", "input_gradients", "is_converted", "feedback_layers", "register_layer", "register_mode",
+    "convert", "revert", "alignment", "LayerAlignment", "input_gradients", "is_converted", "feedback_layers", "register_layer", "register_mode",
     "available_modes", "get_mode", "FeedbackRule", "ConvertConfig", "FeedbackLayer", "FeedbackLinear",
     "FeedbackConv2d", "errors", "BioExtError", "ConfigError", "UnknownModeError", "ConversionError",
     "AlreadyConvertedError", "NothingToConvertError", "OutputDimError", "UnsupportedModuleError",
