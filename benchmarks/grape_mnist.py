@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bio_ext  # noqa: E402
+from bio_ext.benchmark.models import build_model  # noqa: E402
 
 FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
          "t10k-labels-idx1-ubyte.gz"]
@@ -53,14 +53,12 @@ def load_mnist(root: Path):
 
 
 def mlp():
-    return nn.Sequential(nn.Linear(784, 1024), nn.Tanh(), nn.Linear(1024, 1024), nn.Tanh(), nn.Linear(1024, 10))
+    return build_model("mlp", num_classes=10, input_shape=(784,), hidden=[1024, 1024], activation="tanh")
 
 
 def cnn():
-    """The seed's shallow CNN 'following LeNet-4'; its exact widths are not given: LeNet-style ones."""
-    return nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 6, 5, padding=2), nn.Tanh(), nn.MaxPool2d(2),
-                         nn.Conv2d(6, 16, 5), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(16 * 5 * 5, 120), nn.Tanh(), nn.Linear(120, 10))
+    """The seed's shallow CNN 'following LeNet-4' (see bio_ext.benchmark.models.cnn); input (784,) is unflattened."""
+    return build_model("cnn", num_classes=10, input_shape=(784,), activation="tanh")
 
 
 MODELS = {"mlp": (mlp, "MLP 784-1024-1024-10 tanh"),

@@ -62,3 +62,26 @@ class OutputTypeError(BioExtError, TypeError):
 
 class FeedbackSignalError(BioExtError, ValueError):
     """A direct-feedback layer needed the output error and it was not available."""
+
+
+class DataNotFoundError(BioExtError, ValueError):
+    """A dataset's files are not where they were looked for. The message names the folder(s)
+    searched, the exact file names expected there, and how to get them."""
+
+
+class UnknownNameError(ConfigError):
+    """A dataset or model name is not registered. ``valid`` lists the registered names."""
+
+    def __init__(self, kind: str, name: object, valid: Iterable[str], *, hint: str = ""):
+        self.kind = kind
+        self.name = name
+        self.valid = sorted(valid)
+        super().__init__(
+            [f"unknown {kind} {name!r}; valid {kind} names are: {', '.join(self.valid)}" + (f" ({hint})" if hint else "")],
+            what=kind,
+        )
+
+
+class InvalidOptionError(ConfigError):
+    """Options given to a dataset loader or a model builder are unknown or have bad values.
+    ``problems`` lists every one of them, each naming the valid options or values."""

@@ -1,0 +1,1 @@
+"""The benchmark runner's dataset and model layer (``data``, ``models``)."""
