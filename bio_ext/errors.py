@@ -77,7 +77,8 @@ class UnknownNameError(ConfigError):
         self.name = name
         self.valid = sorted(valid)
         super().__init__(
-            [f"unknown {kind} {name!r}; valid {kind} names are: {', '.join(self.valid)}" + (f" ({hint})" if hint else "")],
+            [f"unknown {kind} {name!r}; valid {kind} names are: {', '.join(self.valid)}"
+             + (f" ({hint})" if hint else "")],
             what=kind,
         )
 

@@ -92,7 +92,8 @@ class TensorDataset(Dataset):
     DataLoader when there is no transform.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor,
+                 transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} examples but y has {len(y)}")
         self.x = x.float()
@@ -357,7 +358,8 @@ def _synthetic(root=None, *, input_shape: Sequence[int] = (16,), num_classes: in
     problems = []
     shape = tuple(input_shape) if isinstance(input_shape, (list, tuple)) else None
     if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
-        problems.append(f"input_shape={input_shape!r}: must be a non-empty list of positive ints, e.g. [16] or [1, 8, 8]")
+        problems.append(f"input_shape={input_shape!r}: must be a non-empty list of positive ints, "
+                        "e.g. [16] or [1, 8, 8]")
     for k, v, lo in (("num_classes", num_classes, 2), ("train_size", train_size, 1), ("test_size", test_size, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             problems.append(f"{k}={v!r}: must be an int >= {lo}")

@@ -112,7 +112,10 @@ def build_model(name: str, *, num_classes: int, input_shape: Tuple[int, ...], **
                                 f"{', '.join(valid) if valid else '(none)'}")
     if problems:
         raise InvalidOptionError(problems, what=f"options for model {name!r}")
-    model = fn(num_classes, shape, **kwargs)
+    try:
+        model = fn(num_classes, shape, **kwargs)
+    except RuntimeError as e:   # a builder's own shape probe failed: the input is too small for it
+        raise _shape_error(name, shape, e) from e
     _check_output(model, name, num_classes, shape)
     log.info("model %s: %d parameters", name, sum(p.numel() for p in model.parameters()))
     return model
@@ -125,16 +128,20 @@ def _check_output(model: nn.Module, name: str, num_classes: int, shape: Tuple[in
         with torch.no_grad():
             out = model(torch.zeros(2, *shape))
     except Exception as e:  # noqa: BLE001  (any failure here means the shape does not fit)
-        raise InvalidOptionError(
-            [f"model {name!r} cannot take inputs of shape {shape}: {type(e).__name__}: {e}. Use a dataset "
-             "with larger images, a model meant for small inputs (e.g. resnet20, le_net, small_input=True "
-             "for torchvision ResNets), or flatten=False for image models"], what=f"input for model {name!r}") from e
+        raise _shape_error(name, shape, e) from e
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise InvalidOptionError([f"model {name!r} returned {got} for a batch of 2, expected (2, {num_classes})"],
                                  what=f"output of model {name!r}")
+
+
+def _shape_error(name: str, shape: Tuple[int, ...], e: Exception) -> InvalidOptionError:
+    return InvalidOptionError(
+        [f"model {name!r} cannot take inputs of shape {shape}: {type(e).__name__}: {e}. Use a dataset "
+         "with larger images, a model meant for small inputs (e.g. resnet20, le_net, small_input=True "
+         "for torchvision ResNets), or flatten=False for image models"], what=f"input for model {name!r}")
 
 
 def _activation(name: str, model: str) -> Callable[[], nn.Module]:
