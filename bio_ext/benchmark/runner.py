@@ -479,7 +479,7 @@ class Run:
             where = f"the last good checkpoint, {self.ckpt_path} (after epoch {epoch}), is kept"
         else:
             where = "no checkpoint was written yet (it diverged in the first epoch)"
-        return (f"{self.mode} seed {self.seed}: the training loss is {float(loss)} at epoch {epoch + 1}, step "
+        return (f"{self.mode} seed {self.seed}: the training loss is {float(loss.detach())} at epoch {epoch + 1}, step "
                 f"{step}; training stopped. {where}. Lower training.optimizer.lr, or try another seed or "
                 "the mode's options (e.g. model.mode.convert.scale).")
 

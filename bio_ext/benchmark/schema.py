@@ -172,8 +172,8 @@ FIELDS: Dict[str, Spec] = {
                                 "-1, a device index >= 0 or a non-empty list of them"),
     "infrastructure.threads": Spec(None, "int?", "torch.set_num_threads; null: leave torch's default",
                                    lambda v: v >= 1, ">= 1"),
-    "evaluation.enabled": Spec(True, "bool", "evaluate on the test set after every epoch (`evaluation: true|false` "
-                               "is biotorch's shorthand)"),
+    "evaluation.enabled": Spec(True, "bool", "evaluate on the test set after every epoch (biotorch's `evaluation: true` "
+                               "or `false` is shorthand for it)"),
 }
 
 DEFAULTS: Dict[str, Any] = {path: spec.default for path, spec in FIELDS.items()}
@@ -733,7 +733,7 @@ def defaults_markdown() -> str:
     for path, spec in FIELDS.items():
         default = "null" if spec.default is None else yaml.safe_dump(spec.default, default_flow_style=True).strip()
         default = default.replace("\n...", "").strip()
-        allowed = spec.kind.replace("?", " or null")
+        allowed = spec.kind.replace("?", " or null").replace("|", " or ")
         if spec.expect:
             allowed += f", {spec.expect}"
         if spec.choices is not None:
