@@ -306,8 +306,9 @@ class Run:
 
     def __init__(self, cfg: BenchmarkConfig, mode: str, seed: int, run_dir: Path, *,
                  progress: Optional[Callable[..., Any]] = None,
-                 on_epoch_end: Optional[Callable[["Run", int], None]] = None):
+                 on_epoch_end: Optional[Callable[["Run", int], None]] = None, bundle=None):
         self.cfg = cfg.for_run(mode, seed)
+        self.bundle = bundle
         self.mode, self.seed, self.run_dir = mode, seed, Path(run_dir)
         self.progress = progress
         self.on_epoch_end = on_epoch_end
@@ -350,7 +351,7 @@ class Run:
         device = select_device(cfg.infrastructure.gpus)
         if cfg.infrastructure.threads:
             torch.set_num_threads(cfg.infrastructure.threads)
-        bundle = load_data(cfg)
+        bundle = self.bundle if self.bundle is not None else load_data(cfg)
         model = build_run_model(cfg, mode, seed, bundle).to(device)
         opt = build_optimizer(cfg, model.parameters())
         sched = build_scheduler(cfg, opt)
@@ -553,7 +554,13 @@ def run_experiment(cfg: BenchmarkConfig, *, resume: bool = False, progress: Opti
     if not isinstance(cfg, BenchmarkConfig):
         raise TypeError(f"run_experiment expects a BenchmarkConfig (see load_config), got {type(cfg).__name__}")
     out = experiment_dir(cfg)
-    runs = [Run(cfg, m, s, out / m / f"seed_{s}", progress=progress, on_epoch_end=on_epoch_end)
+    # everything that can fail on the user's input fails here, before any folder is written: the data
+    # (a missing data directory names the files expected) and the model's options
+    bundle = load_data(cfg)
+    from .models import build_model
+    build_model(cfg.model.architecture, num_classes=bundle.num_classes, input_shape=bundle.input_shape,
+                **cfg.model.kwargs)
+    runs = [Run(cfg, m, s, out / m / f"seed_{s}", progress=progress, on_epoch_end=on_epoch_end, bundle=bundle)
             for m, s in cfg.runs()]
     if not resume:
         taken = [str(r.run_dir) for r in runs if r.ckpt_path.exists() or r.results_path.exists()]

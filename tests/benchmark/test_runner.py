@@ -199,3 +199,23 @@ def test_cli_runs_a_config_with_overrides_and_prints_the_table(tmp_path, capsys)
     assert "| dfa | 1 | 1 |" in out and (tmp_path / "t" / "dfa" / "seed_0" / "results.json").is_file()
     assert cli.main([str(path), "--override", "training.optimizer.lr=-1"]) == 2
     assert "training.optimizer.lr: must be > 0, got -1" in capsys.readouterr().err
+
+
+def test_a_missing_data_folder_fails_before_any_output_naming_the_files(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    doc = config(tmp_path).to_dict()
+    doc["data"].update({"dataset": "mnist", "dataset_path": str(tmp_path / "nowhere"), "options": {}})
+    path.write_text(BenchmarkConfig.from_dict(doc).to_yaml())
+    assert cli.main([str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "train-images-idx3-ubyte.gz" in err and str(tmp_path / "nowhere") in err
+    assert not (tmp_path / "t").exists()
+
+
+def test_bad_model_options_fail_before_any_output(tmp_path):
+    from bio_ext.errors import InvalidOptionError
+    doc = config(tmp_path).to_dict()
+    doc["model"]["kwargs"] = {"hiden": [4]}
+    with pytest.raises(InvalidOptionError, match="hiden"):
+        run_experiment(BenchmarkConfig.from_dict(doc))
+    assert not (tmp_path / "t").exists()
