@@ -70,6 +70,7 @@ def plot_alignment(results: Sequence, path: Path, *, title: str = "", quantity: 
     cols = min(n, 4)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), dpi=100, squeeze=False, sharey=True)
+    top = 0.0
     for ax, (mode, runs) in zip(axes.flat, modes.items()):
         series: Dict[str, Dict[int, List[float]]] = defaultdict(lambda: defaultdict(list))
         for r in runs:
@@ -82,13 +83,14 @@ def plot_alignment(results: Sequence, path: Path, *, title: str = "", quantity: 
             ax.plot(steps, [sum(points[s]) / len(points[s]) for s in steps], label=layer, linewidth=1.2)
         ax.set_title(mode, fontsize=10)
         ax.set_xlabel("step")
-        ax.set_ylim(0, 180 if any(v > 95 for p in series.values() for vs in p.values() for v in vs) else 95)
+        top = max(top, max((v for p in series.values() for vs in p.values() for v in vs), default=0.0))
         ax.axhline(90, color="grey", linewidth=0.6, linestyle="--")
         ax.grid(alpha=0.3)
         if series:
             ax.legend(fontsize=6, title="layer", title_fontsize=6)
         else:
             ax.text(0.5, 0.5, "no alignment logged", ha="center", va="center", transform=ax.transAxes)
+    axes[0, 0].set_ylim(0, 180 if top > 95 else 95)  # shared by every panel
     for ax in list(axes.flat)[len(modes):]:
         ax.axis("off")
     for ax in axes[:, 0]:
