@@ -82,6 +82,9 @@ ARCH_ALIASES = {"le_net_mnist": "le_net", "le_net_cifar": "le_net"}
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 SCHEDULERS = ("none", "multistep_lr", "cosine", "exponential")
 BIOTORCH_MODE_OPTIONS = ("constrain_weights", "gradient_clip", "init", "scaling_factor")
+#: the feedback is drawn from the run's seed plus this offset. The model's weights are drawn from the
+#: run's seed itself; with the same seed a layer's feedback would repeat its own initial weights.
+FEEDBACK_SEED_OFFSET = 1_000_003
 KEY_ALIASES = {"training.hyperparameters.num_epochs": "epochs", "model.model_checkpoint": "checkpoint"}
 
 FIELDS: Dict[str, Spec] = {
@@ -131,7 +134,7 @@ FIELDS: Dict[str, Spec] = {
     "model.mode.mode_options": Spec({}, "mapping", "options for one mode only: `{grape: {feedback_lr: 0.05}}`, "
                                     "merged over `options`"),
     "model.mode.convert": Spec({}, "mapping", "other `bio_ext.ConvertConfig` fields (`scale`, `conv_error`, "
-                               "`init`, `error_at`, ...); `seed` defaults to the run's seed"),
+                               "`init`, `error_at`, ...); `seed` (of the feedback) defaults to the run's seed + 1000003"),
     "model.loss_function.name": Spec("cross_entropy", "str", "loss", choices=lambda: ("cross_entropy",)),
     "training.hyperparameters.epochs": Spec(10, "int", "training epochs (`num_epochs` also accepted)",
                                             lambda v: v >= 1, ">= 1"),
@@ -387,7 +390,7 @@ class ModeConfig(_Section):
         if "init" in bt and "init" not in kwargs:
             kwargs["init"] = bt["init"]
         if seed is not None:
-            kwargs.setdefault("seed", seed)
+            kwargs.setdefault("seed", seed + FEEDBACK_SEED_OFFSET)
         return ConvertConfig.from_dict({**kwargs, "mode": mode, "options": self.mode_options_for(mode)})
 
     def _extra_problems(self) -> List[str]:

@@ -86,6 +86,9 @@ def test_tensorboard_tags_are_written_and_hold_finite_values(tmp_path):
         # the output layer trains on its true gradient in every mode
         assert all(v < 1e-2 for _, v in scalars["alignment/update/5"])
         assert all(0 <= v <= 180 for _, v in scalars["alignment/update/1"])
+    # feedback drawn independently of the weights: FA starts near orthogonal in every layer
+    fa = read_scalars(str(tmp_path / "t" / "fa" / "seed_0" / "tensorboard"))
+    assert all(60 < fa[f"alignment/feedback/{n}"][0][1] < 120 for n in layers)
 
 
 @pytest.mark.parametrize("mode", ["grape", "brsf"])
