@@ -114,6 +114,41 @@ def test_resume_after_a_kill_ends_like_an_uninterrupted_run(tmp_path, mode):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_after_a_kill_in_the_middle_of_an_epoch_ends_like_an_uninterrupted_run(tmp_path):
+    whole = run_experiment(config(tmp_path / "a", modes=("dfa",), epochs=2))
+
+    class Killed(Exception):
+        pass
+
+    class Bar:  # a progress bar whose 9th update (epoch 2, step 3 of 6) kills the run
+        calls = 0
+
+        def __init__(self, **kwargs):
+            pass
+
+        def update(self, n):
+            Bar.calls += 1
+            if Bar.calls == 9:
+                raise Killed
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    cfg_b = config(tmp_path / "b", modes=("dfa",), epochs=2)
+    with pytest.raises(Killed):
+        run_experiment(cfg_b, progress=Bar)
+    resumed = run_experiment(cfg_b, resume=True)
+    assert resumed.runs[0].history == whole.runs[0].history
+    a, b = final_state(tmp_path / "a" / "t" / "dfa" / "seed_0"), final_state(tmp_path / "b" / "t" / "dfa" / "seed_0")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the steps logged before the kill in epoch 2 are replaced, not duplicated
+    steps = [s for s, _ in read_scalars(str(tmp_path / "b" / "t" / "dfa" / "seed_0" / "tensorboard"))["train/loss"]]
+    assert steps == [0, 2, 4, 6, 8, 10]
+
+
 def test_two_runs_with_the_same_seed_write_identical_results(tmp_path):
     run_experiment(config(tmp_path, modes=("grape",)))
     path = tmp_path / "t" / "grape" / "seed_0" / "results.json"
