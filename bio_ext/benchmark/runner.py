@@ -357,8 +357,12 @@ class Run:
         sched = build_scheduler(cfg, opt)
         hp, metrics = cfg.training.hyperparameters, cfg.training.metrics
         bt = cfg.model.mode.biotorch_options()
-        init_norms = {n: p.detach().norm() for n, p in model.named_parameters() if n.endswith("weight")} \
-            if bt.get("constrain_weights") else {}
+        if bt.get("constrain_weights"):  # biotorch: the converted layers' weights keep their initial norm
+            from ..convert import feedback_layers
+            converted = {f"{n}.weight" if n else "weight" for n, _ in feedback_layers(model)}
+            init_norms = {n: p.detach().norm() for n, p in model.named_parameters() if n in converted}
+        else:
+            init_norms = {}
 
         start_epoch, step, history, align_rows, timings = 0, 0, [], [], {"epochs": []}
         if resume and self.ckpt_path.is_file():

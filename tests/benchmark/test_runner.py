@@ -220,9 +220,9 @@ def test_the_error_names_the_epoch_and_step(tmp_path, monkeypatch):
 def test_biotorch_files_run_with_overrides(tmp_path, fixture):
     from bio_ext.benchmark.schema import read_yaml
     doc = apply_overrides(read_yaml(str(FIXTURES / fixture)), [
-        f"experiment.output_dir={tmp_path}", "training.hyperparameters.epochs=1", "data.limit=32",
+        f"experiment.output_dir={tmp_path}", "training.hyperparameters.epochs=1", "data.limit=16",
         "data.dataset=synthetic", "data.options={input_shape: [3, 32, 32], num_classes: 10, train_size: 64, "
-        "test_size: 32}", "training.hyperparameters.batch_size=16"])
+        "test_size: 16}", "training.hyperparameters.batch_size=16"])
     res = run_experiment(BenchmarkConfig.from_dict(doc))  # gpus: 0 without CUDA runs on the CPU
     assert [r.status for r in res.runs] == ["finished"] and len(res.runs[0].history) == 1
 
@@ -257,3 +257,19 @@ def test_bad_model_options_fail_before_any_output(tmp_path):
     with pytest.raises(InvalidOptionError, match="hiden"):
         run_experiment(BenchmarkConfig.from_dict(doc))
     assert not (tmp_path / "t").exists()
+
+
+def test_biotorch_constrain_weights_and_gradient_clip(tmp_path):
+    doc = config(tmp_path, modes=("fa",), epochs=1).to_dict()
+    doc["model"]["mode"]["options"] = {"constrain_weights": True, "gradient_clip": True, "init": "xavier"}
+    doc["training"]["optimizer"]["lr"] = 0.5  # large steps: the weights would grow without the constraint
+    res = run_experiment(BenchmarkConfig.from_dict(doc))
+    assert res.runs[0].status == "finished"
+    from bio_ext.benchmark.runner import build_run_model, load_data
+    cfg = BenchmarkConfig.from_dict(doc).for_run("fa", 0)
+    initial = build_run_model(cfg, "fa", 0, load_data(cfg))  # xavier weights, zero biases
+    assert all(torch.count_nonzero(m.bias) == 0 for _, m in __import__("bio_ext").feedback_layers(initial))
+    trained = final_state(res.runs[0].run_dir)
+    for name, p in initial.named_parameters():
+        if name.endswith("weight"):
+            assert torch.allclose(trained[name].norm(), p.detach().norm(), rtol=1e-5), name
