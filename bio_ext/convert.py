@@ -465,8 +465,12 @@ def _convert_planned(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec) -> n
                 f"error_at='head_input' needs an output layer that is a Linear/Conv1D, but "
                 f"{out_layer or '<root>'!r} is a {type(out_module).__name__}; pass output_layer=<its name> or "
                 "use error_at='output'")
-        at_input = sizes is not None and (cfg.error_at == "head_input" or
-                                          (cfg.error_at == "auto" and _is_lm_head(target, out_layer, sizes)))
+        if cfg.error_at == "head_input" and spec.rule.transforms_error:
+            raise ConversionError(
+                f"mode {spec.name!r} projects the class target recovered from the output error, which "
+                "error_at='head_input' does not see; use error_at='output' (or 'auto')")
+        at_input = sizes is not None and not spec.rule.transforms_error and (
+            cfg.error_at == "head_input" or (cfg.error_at == "auto" and _is_lm_head(target, out_layer, sizes)))
         if at_input:
             if out_dim is not None and out_dim != sizes[0]:
                 raise OutputDimError(

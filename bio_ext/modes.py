@@ -110,6 +110,13 @@ class FeedbackRule:
     def before_projection(self, session, e: torch.Tensor) -> None:
         """Direct family with forward gradients: called with the output error before projecting it."""
 
+    #: whether :meth:`error_signal` replaces the output error before it is projected (direct family)
+    transforms_error: bool = False
+
+    def error_signal(self, e: torch.Tensor) -> torch.Tensor:
+        """Direct family: the signal the feedback projects, given the output error ``e`` (``N x D``)."""
+        return e
+
     def create(self, weight: torch.Tensor, spec: FeedbackSpec,
                generator: Optional[torch.Generator]) -> Dict[str, torch.Tensor]:
         fb = random_feedback(spec.shape, spec.fan_in, spec.fan_out, scheme=spec.init,
@@ -260,3 +267,32 @@ class DirectFeedbackAlignment(FeedbackRule):
     ``in_features`` for Linear/Conv1D and ``C_in * kh * kw`` for Conv2d (stored as
     ``(output_dim, C_in, kh, kw)``).
     """
+
+
+@register_mode("drtp", family="direct",
+               description="direct random target projection: fixed random projection of the (negated) target")
+class DirectRandomTargetProjection(DirectFeedbackAlignment):
+    """DRTP (Frenkel, Lefebvre & Bol 2021).
+
+    Hidden layers receive ``-y* @ B`` instead of ``e @ B``: a fixed random projection of
+    the one-hot target, so their update needs neither the output error's magnitude nor
+    anything but the label (no update locking on the error). The output layer still
+    trains on the true error. ``B`` is made as in ``dfa``.
+
+    The user's loop passes only ``x`` to the model, so the target is recovered in the
+    backward from the output error: for softmax cross-entropy ``e_n = (p_n - y_n) / N``
+    is negative at the target class and positive everywhere else, so
+    ``target = argmin e_n`` exactly (with or without label smoothing below 1/2, any
+    reduction). Rows whose error is exactly zero carry no signal. The signal is
+    ``-onehot(target) / N`` (``N`` rows), the scale of a mean-reduced loss, so learning
+    rates carry over from ``dfa``. For losses other than cross-entropy over classes the
+    recovered target is meaningless: use ``dfa`` there.
+    """
+
+    transforms_error = True
+
+    def error_signal(self, e: torch.Tensor) -> torch.Tensor:
+        target = e.argmin(dim=-1, keepdim=True)
+        signal = torch.zeros_like(e).scatter_(-1, target, -1.0 / e.shape[0])
+        live = (e != 0).any(dim=-1, keepdim=True)
+        return signal * live

@@ -67,7 +67,7 @@ def train_one(mode: str, train, test, *, epochs: int, seed: int, batch: int = 64
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modes", default="bp,fa,dfa,usf,brsf,frsf")
+    p.add_argument("--modes", default="bp,fa,dfa,drtp,grape,usf,brsf,frsf")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

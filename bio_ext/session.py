@@ -62,7 +62,7 @@ class FeedbackSession:
     """One forward pass of a converted model: the layers waiting for the output error."""
 
     __slots__ = ("bank", "output_dim", "feedbacks", "widths", "proj", "error", "layers", "infos",
-                 "rule", "perturbations", "out_tangent", "__weakref__")
+                 "rule", "signal", "perturbations", "out_tangent", "__weakref__")
 
     def __init__(self, bank: FeedbackBank, output_dim: int, rule=None) -> None:
         self.bank = bank
@@ -75,6 +75,8 @@ class FeedbackSession:
         self.error: Optional[torch.Tensor] = None
         #: the mode's rule when it uses forward gradients (GrAPE), else None
         self.rule = rule if rule is not None and getattr(rule, "forward_gradient", False) else None
+        #: the rule's error_signal when the mode projects something other than the error (DRTP), else None
+        self.signal = rule.error_signal if rule is not None and getattr(rule, "transforms_error", False) else None
         self.perturbations: List[Optional[torch.Tensor]] = []
         self.out_tangent: Optional[torch.Tensor] = None
 
@@ -107,6 +109,8 @@ class FeedbackSession:
             return
         if self.rule is not None and self.out_tangent is not None:
             self.rule.before_projection(self, e)
+        if self.signal is not None:
+            e = self.signal(e)
         bcat = self.bank.concat(self.feedbacks, self.output_dim)
         if bcat.dtype != e.dtype:
             bcat = bcat.to(e.dtype)

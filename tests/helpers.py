@@ -40,18 +40,31 @@ def train_steps(model, x, y, steps=3, lr=0.05, loss_fn=None):
     return losses
 
 
-def assert_dfa_hand_gradients(layers, x, y):
-    """DFA oracle for a 3-layer tanh MLP (cross-entropy, mean): the output layer trains on the true
-    error e; hidden layer l gets ((e @ B_{l+1}) * tanh'(a_l))^T h_{l-1}, B_{l+1} the next layer's feedback."""
+def dfa_signal(e, y):
+    """What DFA projects: the output error itself."""
+    return e
+
+
+def drtp_signal(e, y):
+    """What DRTP projects: the negated one-hot target of a mean-reduced loss, -onehot(y) / N."""
+    import torch.nn.functional as F
+    return -F.one_hot(y, e.shape[1]).to(e.dtype) / len(y)
+
+
+def assert_dfa_hand_gradients(layers, x, y, signal=dfa_signal, loss_scale=1.0):
+    """DFA-family oracle for a 3-layer tanh MLP (cross-entropy, mean, times ``loss_scale``): the output
+    layer trains on the true error e; hidden layer l gets ((s @ B_{l+1}) * tanh'(a_l))^T h_{l-1}, where
+    B_{l+1} is the next layer's feedback and s = signal(e, y) (DFA: e itself; DRTP: the target)."""
     import torch.nn.functional as F
     l1, l2, l3 = layers
     with torch.no_grad():
         h1 = torch.tanh(x @ l1.weight.t() + l1.bias)
         h2 = torch.tanh(h1 @ l2.weight.t() + l2.bias)
         a3 = h2 @ l3.weight.t() + l3.bias
-        e = (torch.softmax(a3, 1) - F.one_hot(y, a3.shape[1])) / len(y)  # dL/d(output)
-        d2 = (e @ l3.feedback) * (1 - h2 ** 2)
-        d1 = (e @ l2.feedback) * (1 - h1 ** 2)
+        e = loss_scale * (torch.softmax(a3, 1) - F.one_hot(y, a3.shape[1])) / len(y)  # dL/d(output)
+        s = signal(e, y)
+        d2 = (s @ l3.feedback) * (1 - h2 ** 2)
+        d1 = (s @ l2.feedback) * (1 - h1 ** 2)
     torch.testing.assert_close(l3.weight.grad, e.t() @ h2)
     torch.testing.assert_close(l3.bias.grad, e.sum(0))
     torch.testing.assert_close(l2.weight.grad, d2.t() @ h1)

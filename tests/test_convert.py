@@ -13,7 +13,7 @@ from bio_ext import errors
 from bio_ext.session import FeedbackSession
 from helpers import tanh_mlp, train_steps
 
-ALL_MODES = ["bp", "fa", "dfa", "usf", "brsf", "frsf"]
+ALL_MODES = ["bp", "fa", "dfa", "drtp", "usf", "brsf", "frsf"]
 
 
 def small_cnn():

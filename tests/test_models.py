@@ -10,7 +10,7 @@ from helpers import grads, set_feedback_to_weights, train_steps
 
 torchvision = pytest.importorskip("torchvision")
 
-MODES = ["bp", "fa", "dfa", "usf", "brsf", "frsf"]
+MODES = ["bp", "fa", "dfa", "drtp", "usf", "brsf", "frsf"]
 VISION = {
     "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
     "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
