@@ -602,7 +602,8 @@ def summary_table(cfg: BenchmarkConfig, results: Sequence[RunResult]) -> str:
     """Markdown table: per mode, final test (and best validation) accuracy, mean ± sample std over seeds."""
     test_key = "test_accuracy" if cfg.evaluation.enabled else "val_accuracy"
     lines = [f"| mode | seeds | epochs | final {test_key.replace('_', ' ')} (%) | best val accuracy (%) | "
-             "final train loss | s/epoch |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "final train loss | update angle per layer, last probe (deg) | s/epoch |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
     for mode in cfg.modes:
         rs = [r for r in results if r.mode == mode]
         ok = [r for r in rs if r.status == "finished"]
@@ -618,11 +619,16 @@ def summary_table(cfg: BenchmarkConfig, results: Sequence[RunResult]) -> str:
                     secs.append(v)
         epochs = sorted({len(r.history) for r in ok})
         note = f" ({len(rs) - len(ok)} diverged)" if len(ok) < len(rs) else ""
+        angles: Dict[str, List[float]] = {}
+        for r in ok:
+            if r.alignment:
+                for layer, qs in r.alignment[-1]["layers"].items():
+                    if qs.get("update") is not None:
+                        angles.setdefault(layer, []).append(qs["update"])
+        angle = " / ".join(f"{statistics.mean(v):.1f}" for v in angles.values()) or "-"
         lines.append(f"| {mode} | {len(ok)}{note} | {'/'.join(map(str, epochs)) or '-'} | {_mean_std(acc)} | "
-                     f"{_mean_std(best)} | {_mean_std(loss) if loss else '-'} | "
-                     f"{statistics.mean(secs):.1f} |" if secs else
-                     f"| {mode} | {len(ok)}{note} | {'/'.join(map(str, epochs)) or '-'} | {_mean_std(acc)} | "
-                     f"{_mean_std(best)} | {_mean_std(loss) if loss else '-'} | - |")
+                     f"{_mean_std(best)} | {_mean_std(loss) if loss else '-'} | {angle} | "
+                     f"{f'{statistics.mean(secs):.1f}' if secs else '-'} |")
     return "\n".join(lines) + "\n"
 
 
