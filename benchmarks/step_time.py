@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bio_ext  # noqa: E402
 from _common import INPUTS, MODELS, clone, hardware, interleaved_medians  # noqa: E402
 
-MODES = ["bp", "fa", "dfa", "usf", "brsf", "frsf", "grape"]
+MODES = ["bp", "fa", "dfa", "drtp", "usf", "brsf", "frsf", "grape"]
 BIOTORCH_MODES = {"fa", "dfa", "usf", "brsf", "frsf"}
 
 

@@ -173,13 +173,30 @@ def _state(model: nn.Module) -> Optional[BioExtState]:
     return model.__dict__.get("_bio_ext")
 
 
-def _root_pre_hook(module: nn.Module, args):
+def _rng_state(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _root_pre_hook(module: nn.Module, args, kwargs):
     state = _state(module)
     if state is None:
         return None
     session = FeedbackSession(state.bank, state.output_dim, state.mode.rule) if torch.is_grad_enabled() else None
     level = None
     if session is not None and session.rule is not None:
+        directions = state.config.options.get("directions", 1)
+        if directions > 1:  # more tangent directions are replayed after the forward (see bio_ext.grape)
+            device = next(module.parameters()).device
+            seed = int(torch.randint(0, 2 ** 62, (1,)))
+            session.generator = torch.Generator(device=device).manual_seed(seed)
+            session.replay = (args, kwargs, _rng_state(device), directions, device)
         import torch.autograd.forward_ad as fwAD
         from torch.nn.attention import SDPBackend, sdpa_kernel
         # forward-mode AD: only the math SDPA backend has tangent formulas (flash/efficient kernels do not)
@@ -191,10 +208,45 @@ def _root_pre_hook(module: nn.Module, args):
     return None
 
 
+def _replay_directions(module: nn.Module, session: FeedbackSession) -> None:
+    """GrAPE with ``directions`` K > 1: K - 1 more forwards under no_grad that carry tangents only.
+
+    Each replays the forward with the global RNG state it started from (the same dropout masks) and
+    fresh perturbations from the session's own generator; BatchNorm running statistics are restored
+    afterwards, and so is the global RNG, so the model and the user's random stream see one forward.
+    """
+    args, kwargs, rng, directions, device = session.replay
+    after = _rng_state(device)
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    saved = [dict(m._buffers) for m in norms]
+    for m in norms:  # replays update copies: the originals are saved for the real backward, untouched
+        for k, b in m._buffers.items():
+            if b is not None:
+                m._buffers[k] = b.clone()
+    try:
+        with torch.no_grad():
+            for _ in range(directions - 1):
+                _set_rng_state(rng, device)
+                replay = FeedbackSession.replay_of(session)
+                _set_session(replay)
+                try:
+                    module.forward(*args, **kwargs)
+                finally:
+                    _set_session(session)
+                session.replays.append((replay.perturbations, replay.out_tangent))
+    finally:
+        for m, bufs in zip(norms, saved):
+            m._buffers.update(bufs)
+        _set_rng_state(after, device)
+
+
 def _root_hook(module: nn.Module, args, output):
     state = _state(module)
     if state is None or not state.stack:
         return None
+    session, level = state.stack[-1]
+    if session is not None and session.replay is not None and output is not None and session.out_tangent is not None:
+        _replay_directions(module, session)
     _, level = state.stack.pop()
     _set_session(state.stack.pop())
     if level is not None:
@@ -259,6 +311,11 @@ def tap_output(output: Any, session: FeedbackSession, output_dim: int, key=None)
         raise OutputDimError(
             f"the model's output has shape {tuple(tensor.shape)} but the feedback was built for "
             f"output_dim={output_dim} (the last dimension); convert with output_dim={tensor.shape[-1] if tensor.dim() else '?'}")
+    if session.tangent_only:  # a replay for another tangent direction: keep the output tangent only
+        import torch.autograd.forward_ad as fwAD
+        tangent = fwAD.unpack_dual(tensor).tangent
+        session.out_tangent = None if tangent is None else tangent.detach().reshape(-1, output_dim).clone()
+        return output
     if not tensor.requires_grad or not session.feedbacks:
         return output
     if session.rule is not None:  # forward gradients: keep the output's tangent, go on without tangents
@@ -520,7 +577,7 @@ def _convert_planned(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec) -> n
             tap_module.register_forward_pre_hook(input_tap_hook)
         else:
             tap_module.register_forward_hook(output_hook)
-        root.register_forward_pre_hook(_root_pre_hook)
+        root.register_forward_pre_hook(_root_pre_hook, with_kwargs=True)
         root.register_forward_hook(_root_hook, always_call=True)
     return root
 

@@ -61,9 +61,24 @@ Options (``convert(model, "grape", options={...})``):
 ``momentum`` (default 0.9)
     moving average of the feedback update; 0 disables it.
 ``directions`` (default 1)
-    tangent directions per step. Only 1 is implemented (one forward, one backward).
+    tangent directions per step, ``K``. ``torch.autograd.forward_ad`` carries one tangent per
+    forward, so ``K > 1`` replays the forward ``K - 1`` more times right after it, under
+    ``no_grad`` and with tangents only (no autograd graph): each replay restarts the global RNG
+    where the forward started (same dropout masks, so the same function is differentiated),
+    draws fresh perturbations from a per-step generator, and updates copies of BatchNorm's
+    running statistics that are thrown away; afterwards the RNG continues as after one forward.
+    The estimate is the mean ``g_l = (1/K) sum_k d^k u_l^k``: still unbiased, with ``1/K`` of the
+    variance (both tested). Each replay costs about one forward with tangents, so ``K = 1`` keeps
+    the one-forward-one-backward cost the paper sells; the moving average (``momentum``) is the
+    free way to cut variance.
 ``perturbation`` (default ``"input"``)
-    where the perturbation is added: the layer input, where the feedback is injected.
+    where the perturbation is added: the layer input, i.e. the very tensor at which the feedback
+    is injected, so ``g_l`` estimates the gradient that ``e @ B_l`` stands in for (with
+    ``granularity='macro'``/``'micro'``, the feedback point's tensor). This is the only point at
+    which the estimate and the projection are of the same quantity; perturbing a layer's output
+    or its weights estimates a different gradient, which the feedback cannot be compared with
+    without transporting it back through the layer (i.e. backprop). The option is kept so a
+    config states it explicitly; any other value is refused.
 ``keep_estimate`` (default False)
     keep the last ``g_l`` on each layer as ``layer.forward_gradient`` (for analysis).
 
@@ -98,9 +113,9 @@ def validate_options(options: Mapping[str, Any]) -> List[str]:
     mom = options.get("momentum", DEFAULTS["momentum"])
     if isinstance(mom, bool) or not isinstance(mom, (int, float)) or not 0 <= mom < 1:
         problems.append(f"options.momentum: must be in [0, 1), got {mom!r}")
-    if options.get("directions", 1) != 1:
-        problems.append(f"options.directions: only 1 tangent direction per step is implemented, got "
-                        f"{options.get('directions')!r}")
+    k = options.get("directions", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        problems.append(f"options.directions: must be an int >= 1 (tangent directions per step), got {k!r}")
     if options.get("perturbation", "input") != "input":
         problems.append(f"options.perturbation: only 'input' (the point where feedback is injected) is "
                         f"implemented, got {options.get('perturbation')!r}")
@@ -132,8 +147,12 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
         return buffers
 
     def before_projection(self, session, e: torch.Tensor) -> None:
-        d = (e * session.out_tangent.to(e.dtype)).sum(-1)  # (N,) per-row directional derivatives
         n = e.shape[0]
+        # one (perturbations, per-row directional derivatives) pair per tangent direction
+        directions = [(session.perturbations, (e * session.out_tangent.to(e.dtype)).sum(-1))]
+        for perturbations, tangent in session.replays:
+            if tangent is not None:
+                directions.append((perturbations, (e * tangent.to(e.dtype)).sum(-1)))
         for slot, layer in enumerate(session.layers):
             u = session.perturbations[slot]
             if u is None or layer is None:
@@ -142,7 +161,9 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             if u.shape[0] != n and rows != n:
                 continue  # the error is per example but this input has more rows: no estimate
             opts = {**DEFAULTS, **layer.__dict__.get("_mode_options", {})}
-            g = (u.reshape(n, -1) * d[:, None]).to(e.dtype)
+            terms = [us[slot].reshape(n, -1) * d[:, None] for us, d in directions
+                     if slot < len(us) and us[slot] is not None and us[slot].shape == u.shape]
+            g = (terms[0] if len(terms) == 1 else torch.stack(terms).mean(0)).to(e.dtype)
             self.step(layer, e, g, session.infos[slot], opts)
 
     @staticmethod

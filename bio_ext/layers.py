@@ -75,6 +75,8 @@ class FeedbackLayer(nn.Module):
         """Register with the current session; returns ``(session, slot, x)`` where ``x`` carries a
         fresh tangent perturbation when the mode uses forward gradients."""
         session = current_session()
+        if session is not None and session.tangent_only:
+            return session, -1, session.replay_perturb(self, x)
         if session is None or not x.requires_grad:
             return session, -1, x
         slot = session.register(self.feedback, self, info)
@@ -101,6 +103,12 @@ class FeedbackLayer(nn.Module):
         fb = self.__dict__["_buffers"].get("feedback")
         shape = tuple(fb.shape) if fb is not None else "weight"
         return f"{self._layer_repr()}, mode={self.mode}, feedback={shape}"
+
+
+def _replaying() -> bool:
+    """Whether a tangent-only replay (GrAPE with several directions, run under no_grad) is running."""
+    session = current_session()
+    return session is not None and session.tangent_only
 
 
 def _no_session_error():
@@ -140,7 +148,7 @@ class FeedbackLinear(FeedbackLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         family = self._mode.family
         w = self.weight.t() if self.transposed else self.weight
-        if family == "bp" or not torch.is_grad_enabled():
+        if family == "bp" or not (torch.is_grad_enabled() or _replaying()):
             if self.transposed:  # exactly transformers' Conv1D forward
                 out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight) if self.bias is not None \
                     else x.reshape(-1, x.size(-1)).mm(self.weight)
@@ -216,7 +224,7 @@ class FeedbackConv2d(FeedbackLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         family = self._mode.family
-        if family == "bp" or not torch.is_grad_enabled():
+        if family == "bp" or not (torch.is_grad_enabled() or _replaying()):
             return nn.Conv2d._conv_forward(self, x, self.weight, self.bias)
         xp = pad_input(x, self._pad, self._pad_mode)
         geom = (self.stride, self._conv_pad, self.dilation, self.groups)

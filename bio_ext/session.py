@@ -62,7 +62,8 @@ class FeedbackSession:
     """One forward pass of a converted model: the layers waiting for the output error."""
 
     __slots__ = ("bank", "output_dim", "feedbacks", "widths", "proj", "error", "layers", "infos",
-                 "rule", "signal", "perturbations", "out_tangent", "__weakref__")
+                 "rule", "signal", "perturbations", "out_tangent", "generator", "replay", "replays", "main",
+                 "cursor", "__weakref__")
 
     def __init__(self, bank: FeedbackBank, output_dim: int, rule=None) -> None:
         self.bank = bank
@@ -79,6 +80,35 @@ class FeedbackSession:
         self.signal = rule.error_signal if rule is not None and getattr(rule, "transforms_error", False) else None
         self.perturbations: List[Optional[torch.Tensor]] = []
         self.out_tangent: Optional[torch.Tensor] = None
+        #: draws the perturbations when set (several tangent directions: the global RNG must replay)
+        self.generator: Optional[torch.Generator] = None
+        #: (args, kwargs, rng state, directions) of the forward, kept to replay it for more directions
+        self.replay: Any = None
+        #: (perturbations, output tangent) of each extra tangent direction
+        self.replays: List[Tuple[List[torch.Tensor], Optional[torch.Tensor]]] = []
+        #: in a tangent-only replay: the session of the real forward, and how many of its slots were seen
+        self.main: Optional["FeedbackSession"] = None
+        self.cursor = 0
+
+    @classmethod
+    def replay_of(cls, main: "FeedbackSession") -> "FeedbackSession":
+        """A tangent-only session that perturbs the layers of ``main``, in ``main``'s slot order."""
+        s = cls(main.bank, main.output_dim)
+        s.main, s.generator = main, main.generator
+        return s
+
+    @property
+    def tangent_only(self) -> bool:
+        return self.main is not None
+
+    def replay_perturb(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
+        """In a tangent-only replay: perturb ``x`` if ``layer`` holds the next slot of the real forward."""
+        main = self.main
+        if self.cursor >= len(main.layers) or main.layers[self.cursor] is not layer:
+            return x
+        self.cursor += 1
+        self.perturbations.append(None)
+        return self.perturb(len(self.perturbations) - 1, x)
 
     def register(self, feedback: torch.Tensor, layer: Any = None, info: Any = None) -> int:
         """Reserve a slot for a layer whose input needs a gradient; returns the slot."""
@@ -97,7 +127,7 @@ class FeedbackSession:
         """Add a fresh standard-normal perturbation to the forward-mode tangent of ``x``."""
         import torch.autograd.forward_ad as fwAD
         primal, tangent = fwAD.unpack_dual(x)
-        u = torch.randn(primal.shape, dtype=primal.dtype, device=primal.device)
+        u = torch.randn(primal.shape, dtype=primal.dtype, device=primal.device, generator=self.generator)
         self.perturbations[slot] = u
         return fwAD.make_dual(primal, u if tangent is None else tangent + u)
 

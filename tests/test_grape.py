@@ -32,6 +32,57 @@ def test_forward_gradient_estimates_are_unbiased():
     assert F.cosine_similarity(single.reshape(-1), true[0].reshape(-1), dim=0) < 0.9
 
 
+def _estimate_errors(directions, draws):
+    """Squared distance of single-step estimates (with ``directions`` tangents) to the true gradient,
+    and the mean estimate, on a fixed batch."""
+    torch.manual_seed(0)
+    model = tanh_mlp((5, 6, 6, 3))
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    true = list(bio_ext.input_gradients(model, x, y).values())[0]
+    conv = bio_ext.convert(model, "grape", options={"feedback_lr": 0.0, "keep_estimate": True,
+                                                     "directions": directions})
+    total, errs = torch.zeros_like(true), []
+    for _ in range(draws):
+        F.cross_entropy(conv(x), y).backward()
+        g = conv[2].forward_gradient.reshape(true.shape)
+        total += g
+        errs.append(((g - true) ** 2).sum())
+    return torch.stack(errs).mean(), total / draws, true
+
+
+def test_more_tangent_directions_stay_unbiased_and_cut_the_variance():
+    err1, _, _ = _estimate_errors(1, 400)
+    err4, mean4, true = _estimate_errors(4, 400)
+    assert F.cosine_similarity(mean4.reshape(-1), true.reshape(-1), dim=0) > 0.95
+    # independent directions: the mean squared error of one step falls as 1/K (here about 0.25)
+    assert 0.15 < (err4 / err1).item() < 0.4, (err4 / err1).item()
+
+
+def test_extra_directions_leave_batchnorm_stats_rng_and_dropout_masks_as_one_forward():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 8),
+                          nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    conv = bio_ext.convert(model, "grape", options={"directions": 3, "feedback_lr": 0.0}, seed=0)
+    seen = []
+    conv[4].register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    torch.manual_seed(5)
+    out = conv(x)
+    F.cross_entropy(out, y).backward()
+    after = torch.rand(3)
+    # the same forward without bio_ext: one draw seeds the perturbation generator, then the dropout mask
+    torch.manual_seed(5)
+    torch.randint(0, 2 ** 62, (1,))
+    ref = model(x)
+    assert len(seen) == 3  # the forward and two tangent-only replays
+    for s in seen[1:]:
+        assert torch.equal(s, seen[0])  # replays saw the same dropout mask
+    assert torch.equal(out.detach(), ref.detach())
+    assert torch.equal(conv[1].running_mean, model[1].running_mean)  # one BatchNorm update, not three
+    assert torch.equal(conv[1].num_batches_tracked, model[1].num_batches_tracked)
+    assert torch.equal(after, torch.rand(3))  # the user's random stream continues as after one forward
+
+
 def _alignment_run(model, make_batch, mode, steps=300):
     """Mean alignment of the hidden layers' injected signal before and after ``steps`` steps."""
     conv = bio_ext.convert(model, mode, seed=0)
@@ -137,7 +188,7 @@ def test_model_with_nothing_to_perturb_is_a_clear_error():
 
 def test_grape_options_are_validated_together():
     with pytest.raises(errors.ConfigError) as exc:
-        bio_ext.convert(tanh_mlp(), "grape", options={"feedback_lr": -1, "momentum": 1.5, "directions": 4,
+        bio_ext.convert(tanh_mlp(), "grape", options={"feedback_lr": -1, "momentum": 1.5, "directions": 0,
                                                       "perturbation": "weights", "lr": 3})
     assert len(exc.value.problems) == 5
     with pytest.raises(errors.ConfigError, match="takes no options"):

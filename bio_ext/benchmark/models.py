@@ -37,6 +37,15 @@ any torchvision classification model (``resnet18``, ``vgg11``, ``mobilenet_v3_sm
     is a plain tensor; ``small_input=True`` (ResNet family only: resnet*, resnext*, wide_resnet*)
     gives the customary CIFAR stem, a 3x3 stride-1 conv without the max pool.
 
+``hf:vit`` / ``hf:gpt2`` / ``hf:bert`` (needs ``transformers``; built offline from a config, random init)
+    Small defaults (hidden 64, 2 layers, 4 heads); any field of the transformers config may be passed
+    (``hidden_size``, ``num_hidden_layers``, ...; GPT-2: ``n_embd``, ``n_layer``, ``n_head``).
+    ``hf:vit`` is ``ViTForImageClassification`` (``patch_size`` 4 by default; must divide the image
+    size) wrapped to return the logits tensor. ``hf:gpt2`` / ``hf:bert`` read the example as a
+    sequence of tokens of ``token_dim`` features (default: one token per image row, C*W features; a
+    flat vector is one token), embedded by a Linear, classified by a Linear head on the last token
+    (GPT-2, causal) or the token mean (BERT); their word-embedding tables are unused.
+
 Every build ends with one forward pass of zeros (eval mode, no grad, no random numbers drawn) that
 checks the output is (N, num_classes); a model that cannot take the input shape raises
 :class:`~bio_ext.errors.InvalidOptionError` saying so.
@@ -379,3 +388,92 @@ def _register_torchvision() -> None:
 
 
 _register_torchvision()
+
+
+# --------------------------------------------------------------------------------------- HuggingFace (offline)
+
+_HF_DEFAULTS = {
+    # family: (config class, small defaults); sizes are kwargs, any other config field may be passed too
+    "vit": ("ViTConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                              patch_size=4)),
+    # vocab_size 1: the word embedding is never used (inputs_embeds), so keep it tiny
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=1, bos_token_id=0,
+                                eos_token_id=0)),
+    "bert": ("BertConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                vocab_size=1)),
+}
+
+
+class HFImageClassifier(nn.Module):
+    """``ViTForImageClassification`` returning the logits tensor (bio_ext and the runner want a tensor)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
+class HFSequenceClassifier(nn.Module):
+    """A transformers backbone over the example cut into tokens: Linear embedding of each token,
+    the backbone (``inputs_embeds``), then a Linear head on the last token (GPT-2, causal) or the mean
+    of the tokens (BERT). The backbone's word-embedding table is unused (it gets no gradient)."""
+
+    def __init__(self, backbone: nn.Module, token_dim: int, hidden: int, num_classes: int, pool: str):
+        super().__init__()
+        self.token_dim, self.pool = token_dim, pool
+        self.embed = nn.Linear(token_dim, hidden)
+        self.backbone = backbone
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        tokens = x.reshape(len(x), -1, self.token_dim)
+        h = self.backbone(inputs_embeds=self.embed(tokens)).last_hidden_state
+        return self.head(h[:, -1] if self.pool == "last" else h.mean(1))
+
+
+def _hf_model(family: str, num_classes: int, input_shape: Tuple[int, ...], *, token_dim: Optional[int] = None,
+              **kwargs) -> nn.Module:
+    name = f"hf:{family}"
+    try:
+        import transformers
+    except ImportError as e:
+        raise InvalidOptionError([f"{name} needs the transformers package: pip install 'bio_ext[hf]'"],
+                                 what=f"model {name!r}") from e
+    config_cls = getattr(transformers, _HF_DEFAULTS[family][0])
+    fields = set(config_cls().to_dict())
+    problems = [f"unknown option {k!r} for model {name!r}; valid options: token_dim (sequence models), and the "
+                f"fields of {config_cls.__name__}, e.g. {', '.join(sorted(_HF_DEFAULTS[family][1]))}"
+                for k in kwargs if k not in fields]
+    if family == "vit" and token_dim is not None:
+        problems.append(f"token_dim is for hf:gpt2 / hf:bert, not {name!r}; remove it")
+    if problems:
+        raise InvalidOptionError(problems, what=f"options for model {name!r}")
+    cfg = dict(_HF_DEFAULTS[family][1], **kwargs)
+    if family == "vit":
+        _, (c, h, w) = _image_shape(input_shape, name)
+        if len(input_shape) != 3 or h != w or h % cfg["patch_size"]:
+            raise InvalidOptionError([f"hf:vit needs square (C, H, H) images with H a multiple of patch_size="
+                                      f"{cfg['patch_size']}, got input_shape {input_shape}; pass patch_size=..."],
+                                     what=f"input for model {name!r}")
+        config = config_cls(image_size=h, num_channels=c, num_labels=num_classes, **cfg)
+        return HFImageClassifier(transformers.ViTForImageClassification(config))
+    total = math.prod(input_shape)
+    if token_dim is None:   # images: one token per row (C * W features); vectors: the whole vector, one token
+        token_dim = input_shape[0] * input_shape[2] if len(input_shape) == 3 else input_shape[-1]
+    if isinstance(token_dim, bool) or not isinstance(token_dim, int) or token_dim < 1 or total % token_dim:
+        raise InvalidOptionError([f"token_dim={token_dim!r} must be a positive int dividing the example size {total}"],
+                                 what=f"options for model {name!r}")
+    if family == "gpt2":
+        cfg.setdefault("n_positions", max(1024, total // token_dim))
+        backbone, hidden, pool = transformers.GPT2Model(config_cls(**cfg)), cfg["n_embd"], "last"
+    else:
+        cfg.setdefault("max_position_embeddings", max(512, total // token_dim))
+        backbone, hidden, pool = transformers.BertModel(config_cls(**cfg), add_pooling_layer=False), \
+            cfg["hidden_size"], "mean"
+    return HFSequenceClassifier(backbone, token_dim, hidden, num_classes, pool)
+
+
+for _family in _HF_DEFAULTS:
+    register_model(f"hf:{_family}")(functools.partial(_hf_model, _family))

@@ -63,8 +63,45 @@ def test_model_gives_n_by_classes_and_converts_to_dfa_with_finite_gradients(name
 
 def test_registry_has_seed_biotorch_and_every_torchvision_classifier():
     names = set(available_models())
-    assert {"mlp", "cnn", "le_net", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"} <= names
+    assert {"mlp", "cnn", "le_net", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+            "hf:vit", "hf:gpt2", "hf:bert"} <= names
     assert set(torchvision.models.list_models(module=torchvision.models)) <= names
+
+
+HF_CASES = [("hf:vit", (3, 32, 32), {}), ("hf:vit", (1, 28, 28), {"hidden_size": 32, "num_attention_heads": 2}),
+            ("hf:gpt2", (1, 28, 28), {}), ("hf:gpt2", (16,), {"token_dim": 4}), ("hf:bert", (1, 8, 8), {})]
+
+
+@pytest.mark.parametrize("name,shape,kwargs", HF_CASES, ids=[f"{n}-{'x'.join(map(str, s))}" for n, s, _ in HF_CASES])
+def test_hf_model_gives_n_by_classes_and_converts_to_dfa(name, shape, kwargs):
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=7, input_shape=shape, **kwargs)
+    x, y = torch.randn(3, *shape), torch.tensor([0, 3, 6])
+    assert model(x).shape == (3, 7)
+    conv = bio_ext.convert(model, "dfa")
+    assert len(bio_ext.feedback_layers(conv)) == n_weighted(model) + sum(
+        type(m).__name__ == "Conv1D" for m in model.modules())
+    F.cross_entropy(conv(x), y).backward()
+    unused = ("wte.weight", "word_embeddings.weight")   # inputs_embeds bypasses the word embedding
+    for n, p in conv.named_parameters():
+        if not n.endswith(unused):
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    if name != "hf:vit":
+        assert model.token_dim == kwargs.get("token_dim", shape[0] * shape[-1])
+
+
+def test_hf_options_are_checked():
+    pytest.importorskip("transformers")
+    vit = build_model("hf:vit", num_classes=10, input_shape=(3, 32, 32), num_hidden_layers=3, patch_size=8)
+    assert vit.model.config.num_hidden_layers == 3 and vit.model.config.image_size == 32
+    assert vit.model.config.num_labels == 10
+    with pytest.raises(InvalidOptionError, match="patch_size"):
+        build_model("hf:vit", num_classes=10, input_shape=(3, 32, 32), patch_size=5)
+    with pytest.raises(InvalidOptionError, match="'depth'.*hidden_size"):
+        build_model("hf:bert", num_classes=10, input_shape=(3, 32, 32), depth=5)
+    with pytest.raises(InvalidOptionError, match="token_dim=5"):
+        build_model("hf:gpt2", num_classes=10, input_shape=(3, 32, 32), token_dim=5)
 
 
 # ----------------------------------------------------------------------------- published structures
@@ -163,6 +200,11 @@ def test_torchvision_small_input_stem_and_channel_adaptation():
 def test_large_torchvision_models_build_for_cifar_and_convert(name):
     m = build_model(name, num_classes=10, input_shape=(3, 32, 32))
     x = torch.randn(2, 3, 32, 32)
+    assert m(x).shape == (2, 10)
+    if name == "swin_t":   # bio_ext cannot convert torchvision's ShiftedWindowAttention (own weight tensors)
+        with pytest.raises(bio_ext.UnsupportedModuleError, match="ShiftedWindowAttention"):
+            bio_ext.convert(m, "dfa")
+        return
     conv = bio_ext.convert(m, "dfa")
     F.cross_entropy(conv(x), torch.tensor([1, 2])).backward()
 
