@@ -67,7 +67,7 @@ MODELS = {"mlp": (mlp, "MLP 784-1024-1024-10 tanh"),
 
 def alignment_degrees(model, x, y):
     """Degrees between each hidden layer's injected input gradient and backprop's."""
-    return [math.degrees(math.acos(max(-1.0, min(1.0, c)))) for c in bio_ext.alignment(model, x, y).values()]
+    return [a.signal for a in bio_ext.alignment(model, x, y).values() if a.signal is not None]
 
 
 def run(mode, seed, train, test, epochs, batch, progress, arch="mlp", options=None):

@@ -12,7 +12,7 @@ from .convert import convert, feedback_layers, is_converted, register_expander, 
 from .errors import (AlreadyConvertedError, BioExtError, ConfigError, ConversionError, FeedbackSignalError,
                      NothingToConvertError, OutputDimError, OutputTypeError, UnknownModeError,
                      UnsupportedModuleError)
-from .inspection import alignment, input_gradients
+from .inspection import LayerAlignment, alignment, input_gradients
 from .layers import FeedbackConv2d, FeedbackLayer, FeedbackLinear
 from .modes import FeedbackRule, available_modes, get_mode, register_mode
 from .points import feedback_points
@@ -20,7 +20,7 @@ from .points import feedback_points
 __version__ = "0.1.0"
 
 __all__ = [
-    "convert", "revert", "alignment", "input_gradients", "is_converted", "feedback_layers", "register_layer", "register_mode",
+    "convert", "revert", "alignment", "LayerAlignment", "input_gradients", "is_converted", "feedback_layers", "register_layer", "register_mode",
     "available_modes", "get_mode", "FeedbackRule", "ConvertConfig", "FeedbackLayer", "FeedbackLinear",
     "FeedbackConv2d", "errors", "BioExtError", "ConfigError", "UnknownModeError", "ConversionError",
     "AlreadyConvertedError", "NothingToConvertError", "OutputDimError", "UnsupportedModuleError",

@@ -86,3 +86,12 @@ class UnknownNameError(ConfigError):
 class InvalidOptionError(ConfigError):
     """Options given to a dataset loader or a model builder are unknown or have bad values.
     ``problems`` lists every one of them, each naming the valid options or values."""
+
+
+class RunExistsError(BioExtError, ValueError):
+    """A run folder holds results or a checkpoint already and resuming was not asked for."""
+
+
+class NonFiniteLossError(BioExtError, ValueError):
+    """The training loss became NaN or infinite. The message names the epoch and step and the last
+    good checkpoint, which is kept."""

@@ -5,6 +5,9 @@ left as they were."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import torch
@@ -54,20 +57,121 @@ def input_gradients(model: nn.Module, x, y, loss_fn: Optional[LossFn] = None) ->
     return {n: v.grad.detach() for n, v in seen.items() if v.grad is not None}
 
 
-def alignment(model: nn.Module, x, y, loss_fn: Optional[LossFn] = None) -> Dict[str, float]:
-    """Per-layer cosine between the input gradient the mode injects and backprop's.
+@dataclass(frozen=True)
+class LayerAlignment:
+    """How one layer's learning signal compares with backprop's, on one batch. Angles in degrees
+    (0: same direction, 90: orthogonal); ``None`` where the quantity does not apply.
 
-    Computed on copies of ``model`` with the same weights, so nothing leaks into training
-    (GrAPE's feedback step is switched off in the copy). 1.0 means the layer receives exactly
-    backprop's signal; DFA with random feedback starts near 0. For models with dropout, call
-    it in ``eval()`` mode so both passes see the same network.
+    Attributes:
+        update: angle between the weight gradient the mode produces (the ``.grad`` the
+            optimizer steps on) and the true backprop gradient of that weight.
+        signal: angle between the gradient the mode hands to the layer's *input* (what it
+            injects instead of transporting it through the weights) and backprop's; ``None``
+            for layers whose input needs no gradient (the first layer).
+        cosine: the cosine of ``signal`` (what ``alignment`` returned before it returned angles).
+        feedback: angle between the feedback tensor and the forward weight (biotorch's
+            layer alignment); local family (``fa``, ``usf``, ...) and ``bp`` (always 0) only.
+        norm_ratio: ``||feedback|| / ||weight||`` (biotorch's weight ratio); same layers.
+        estimate: GrAPE only: angle between the layer's forward-gradient estimate (one
+            activity-perturbed directional derivative) and backprop's input gradient.
     """
-    probe = copy.deepcopy(model)
-    for layer in probe.modules():
-        if isinstance(layer, FeedbackLayer) and layer._mode.rule.forward_gradient:
-            layer.__dict__["_mode_options"] = {**layer.__dict__.get("_mode_options", {}), "feedback_lr": 0.0}
-    injected = input_gradients(probe, x, y, loss_fn)
-    true = input_gradients(revert(probe), x, y, loss_fn)
-    return {n: F.cosine_similarity(g.reshape(-1), true[n].reshape(-1), dim=0).item()
-            for n, g in injected.items() if n in true}
 
+    update: Optional[float]
+    signal: Optional[float] = None
+    cosine: Optional[float] = None
+    feedback: Optional[float] = None
+    norm_ratio: Optional[float] = None
+    estimate: Optional[float] = None
+
+    def as_dict(self) -> Dict[str, float]:
+        """The quantities that apply, by name (for logging)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> Optional[float]:
+    a, b = a.detach().reshape(-1).double(), b.detach().reshape(-1).double()
+    if a.numel() != b.numel():
+        return None
+    na, nb = a.norm(), b.norm()
+    if na == 0 or nb == 0:
+        return None
+    return max(-1.0, min(1.0, float((a @ b) / (na * nb))))
+
+
+def _deg(c: Optional[float]) -> Optional[float]:
+    return None if c is None else math.degrees(math.acos(c))
+
+
+def _rng_state():
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _layers(model: nn.Module) -> Dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, FeedbackLayer) or _handler_for(m) is not None}
+
+
+def alignment(model: nn.Module, x, y, loss_fn: Optional[LossFn] = None) -> Dict[str, LayerAlignment]:
+    """Per-layer alignment of what the mode trains with against true backprop, on batch ``(x, y)``.
+
+    Returns ``{qualified layer name: LayerAlignment}`` (angles in degrees, see
+    :class:`LayerAlignment`) for every converted layer (or every Linear/Conv2d/Conv1D of a plain
+    model). Everything runs on deep copies of ``model``: one forward/backward of the converted copy
+    (the mode's gradients; GrAPE's feedback step is switched off there and its estimate kept) and
+    one of a reverted copy (backprop's gradients). The global torch RNG state (CPU and CUDA) is
+    restored afterwards, so the modes that draw random numbers in their forward or backward (GrAPE's
+    perturbations, brsf's feedback) leave training exactly as it would have been without the call;
+    the model, its feedback buffers and its ``.grad`` are untouched. Dropout draws differ between
+    the two passes: call it in ``eval()`` mode for models with dropout.
+    """
+    state = _rng_state()
+    try:
+        probe = copy.deepcopy(model)
+        for p in probe.parameters():
+            p.grad = None
+        for layer in probe.modules():
+            if isinstance(layer, FeedbackLayer) and layer._mode.rule.forward_gradient:
+                layer.__dict__["_mode_options"] = {**layer.__dict__.get("_mode_options", {}),
+                                                   "feedback_lr": 0.0, "keep_estimate": True}
+                layer.__dict__.pop("forward_gradient", None)
+        injected = input_gradients(probe, x, y, loss_fn)
+        layers = _layers(probe)
+        mode_grads = {n: (m.weight.grad.detach().clone() if m.weight.grad is not None else None)
+                      for n, m in layers.items()}
+        extra = {}
+        for n, m in layers.items():
+            if not isinstance(m, FeedbackLayer):
+                continue
+            fb = m.feedback if m._mode.family != "direct" else None
+            if fb is not None and fb.shape == m.weight.shape:
+                extra[n] = {"feedback": _deg(_cos(fb, m.weight)),
+                            "norm_ratio": float(fb.detach().norm() / m.weight.detach().norm())}
+            est = m.__dict__.get("forward_gradient")
+            if est is not None:
+                extra.setdefault(n, {})["_est"] = est
+        plain = revert(copy.deepcopy(probe))
+        for p in plain.parameters():
+            p.grad = None
+        true_in = input_gradients(plain, x, y, loss_fn)
+        plain_layers = _layers(plain)
+    finally:
+        _set_rng_state(state)
+    out: Dict[str, LayerAlignment] = {}
+    for n, m in layers.items():
+        tw = plain_layers[n].weight.grad if n in plain_layers else None
+        g = mode_grads.get(n)
+        update = _deg(_cos(g, tw)) if g is not None and tw is not None else None
+        cos = _cos(injected[n], true_in[n]) if n in injected and n in true_in else None
+        e = extra.get(n, {})
+        est = e.get("_est")
+        out[n] = LayerAlignment(update=update, signal=_deg(cos), cosine=cos, feedback=e.get("feedback"),
+                                norm_ratio=e.get("norm_ratio"),
+                                estimate=_deg(_cos(est, true_in[n])) if est is not None and n in true_in else None)
+    return out

@@ -94,7 +94,8 @@ def _alignment_run(model, make_batch, mode, steps=300):
         F.cross_entropy(conv(x), y).backward()
         opt.step()
     last = bio_ext.alignment(conv, *make_batch())
-    return list(first.values()), list(last.values())
+    return ([a.cosine for a in first.values() if a.cosine is not None],
+            [a.cosine for a in last.values() if a.cosine is not None])
 
 
 def _teacher_batches(in_shape, batch=256):

@@ -1,0 +1,71 @@
+"""Print a benchmark-runner experiment's table beside the GrAPE seed paper's Table 1.
+
+    python -m bio_ext.benchmark configs/table1_mnist_mlp.yaml --override training.hyperparameters.epochs=5
+    python benchmarks/table1_compare.py runs/table1_mnist_mlp [--column mnist_mlp]
+
+Reads ``<experiment>/<mode>/seed_<k>/results.json`` and ``alignment.json`` (written by the runner)
+and prints, per mode: final test accuracy (mean ± sample std over the seeds found, and each seed),
+the per-layer angle between the mode's weight update and the backprop gradient at the last probe
+(mean over seeds), and the seed paper's number for that mode (100 epochs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+# GrAPE seed paper, Table 1 (test accuracy %, 100 epochs, Adam 1e-4 x0.95/epoch, batch 256)
+SEED_TABLE1 = {
+    "mnist_mlp": {"bp": 98.73, "fa": 98.36, "drtp": 95.7, "dfa": 98.21, "pepita": 98.01, "grape": 98.35},
+    "mnist_cnn": {"bp": 99.03, "dfa": 98.6, "grape": 98.7},
+    "cifar10_mlp": {"bp": 54.09, "dfa": 51.32, "grape": 52.8},
+    "cifar10_cnn": {"bp": 74.66, "dfa": 69.34, "grape": 72.07},
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", help="the experiment folder, <output_dir>/<experiment.name>")
+    p.add_argument("--column", default="mnist_mlp", choices=sorted(SEED_TABLE1))
+    args = p.parse_args(argv)
+    root = Path(args.experiment)
+    if not root.is_dir():
+        print(f"error: {root} is not a folder (run the benchmark first)", file=sys.stderr)
+        return 2
+    seed_numbers = SEED_TABLE1[args.column]
+    print("| mode | seeds | epochs | test accuracy % (mean ± std) | per seed | update angle per layer (deg) "
+          "| seed paper, 100 epochs |")
+    print("|---|---:|---:|---:|---|---|---:|")
+    for mode_dir in sorted((d for d in root.iterdir() if d.is_dir()),
+                           key=lambda d: list(seed_numbers).index(d.name) if d.name in seed_numbers else 99):
+        runs = []
+        for run in sorted(mode_dir.glob("seed_*")):
+            res = run / "results.json"
+            if res.is_file():
+                data = json.loads(res.read_text())
+                if data.get("status") == "finished":
+                    al = json.loads((run / "alignment.json").read_text()) if (run / "alignment.json").is_file() else []
+                    runs.append((data, al))
+        if not runs:
+            continue
+        accs = [d["final"]["test_accuracy"] for d, _ in runs]
+        epochs = sorted({len(d["history"]) for d, _ in runs})
+        angles = {}
+        for _, al in runs:
+            if al:
+                for layer, qs in al[-1]["layers"].items():
+                    if "update" in qs:
+                        angles.setdefault(layer, []).append(qs["update"])
+        spread = f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else f"{accs[0]:.2f}"
+        print(f"| {mode_dir.name} | {len(runs)} | {'/'.join(map(str, epochs))} | {spread} | "
+              f"{', '.join(f'{a:.2f}' for a in accs)} | "
+              f"{' / '.join(f'{statistics.mean(v):.1f}' for v in angles.values()) or '-'} | "
+              f"{seed_numbers.get(mode_dir.name, '-')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
