@@ -62,3 +62,7 @@ class OutputTypeError(BioExtError, TypeError):
 
 class FeedbackSignalError(BioExtError, ValueError):
     """A direct-feedback layer needed the output error and it was not available."""
+
+
+class PartitionError(ConversionError):
+    """A model cannot be split into blocks as asked (see :mod:`bio_ext.blockwise`). The model was left unchanged."""
