@@ -663,7 +663,7 @@ def _local_grad(aux: torch.Tensor, targets: torch.Tensor, weight: float) -> Tupl
             "one entry per row of the model output (flattened over tokens for sequence outputs)")
     valid = t >= 0
     n = int(valid.sum())
-    logp = torch.log_softmax(a.float(), dim=1)
+    logp = torch.log_softmax(a.float() if a.dtype in (torch.float16, torch.bfloat16) else a, dim=1)
     g = logp.exp()
     rows = valid.nonzero().squeeze(1)
     g[rows, t[rows]] -= 1.0
