@@ -18,8 +18,9 @@ How memory is measured
 * On a GPU: ``torch.cuda.max_memory_allocated()`` during the step minus the allocation
   before it (the caching allocator's statistics).
 * On a CPU there are no allocator statistics, so a ``TorchDispatchMode`` sees every tensor
-  every ATen op returns (forward, backward, optimizer-free) and tracks its storage until the
-  storage is freed (``weakref.finalize`` on the storage): the peak of the live bytes of the
+  every ATen op returns (forward and backward) and, when its storage is new (not the storage of
+  one of the op's inputs, as in-place ops, ``out=`` and views return), tracks it until it is
+  freed (``weakref.finalize`` on the storage): the peak of the live bytes of the
   tensors created during the step, i.e. activations saved for backward, gradients and
   temporaries at op granularity (a kernel's internal scratch buffers are not seen). This is
   the CPU analogue of ``max_memory_allocated`` minus the baseline.
@@ -68,12 +69,16 @@ class LiveTensorBytes(TorchDispatchMode):
             self.current -= n
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        seen = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
+        out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 st = t.untyped_storage()
                 key, n = st.data_ptr(), st.nbytes()
-                if n and key not in self.live:
+                # an output sharing an input's storage (in-place, out=, views) is not a new allocation
+                if n and key not in self.live and key not in seen:
                     self.live[key] = n
                     self.current += n
                     self.peak = max(self.peak, self.current)

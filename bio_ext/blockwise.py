@@ -713,7 +713,8 @@ class BlockwiseState:
         self.aux_prefix = AUX_NAME
 
     def __getstate__(self):
-        raise TypeError("a blockwise-wrapped model cannot be pickled; save model.state_dict() or revert it first")
+        raise TypeError("a blockwise-wrapped model cannot be deep-copied or pickled: save model.state_dict(), or "
+                        "bio_ext.revert(model) first and wrap the copy")
 
 
 def _state(model: nn.Module) -> Optional[BlockwiseState]:
@@ -777,7 +778,9 @@ def set_targets(model: nn.Module, targets: torch.Tensor) -> None:
     """Give the next forward of a wrapped model its targets (class indices, one per output row; -100: none).
 
     Needed with ``early_backward=True`` and for global losses other than softmax cross-entropy;
-    explicit targets always replace the ones recovered from the output error.
+    explicit targets always replace the ones recovered from the output error. For a language
+    model whose loss shifts the labels (transformers' ``labels=``), pass the shifted targets
+    (``labels[:, 1:]`` with ``-100`` appended), one per position of the logits.
     """
     state = _state(model)
     if state is None:

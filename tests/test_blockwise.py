@@ -344,6 +344,11 @@ def test_failed_inplace_wrap_leaves_the_model_untouched():
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
+def test_wrapped_model_refuses_deepcopy_and_names_revert():
+    with pytest.raises(TypeError, match="revert"):
+        copy.deepcopy(bio_ext.blockwise(mlp(), 2))
+
+
 def test_no_auxiliary_work_without_gradients():
     w = bio_ext.blockwise(mlp(), 2)
     with torch.no_grad():
