@@ -861,7 +861,8 @@ def blockwise(model: nn.Module, blocks: Optional[int] = None, *, config: Optiona
         for k in range(len(part.blocks)):
             shape = part.head_in_shape if k == len(part.blocks) - 1 else part.units[part.blocks[k + 1][0]].in_shape
             if shape is None:
-                raise PartitionError(f"block {k + 2} starts at {part.block_entry(k + 1)!r}, whose input is not a tensor")
+                raise PartitionError(f"block {k + 2} starts at {part.block_entry(k + 1)!r}, whose input is not a "
+                                     "tensor; pass splits=[...] naming other units")
             if aux_factory is not None:
                 head = aux_factory(shape, out_shape)
             else:
