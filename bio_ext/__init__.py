@@ -7,10 +7,11 @@
 
 from . import errors
 from . import grape  # noqa: F401  (registers the 'grape' mode)
+from .blockwise import BlockwiseConfig, blockwise, local_losses, partition, set_targets, train_step
 from .config import ConvertConfig
 from .convert import convert, feedback_layers, is_converted, register_expander, register_layer, revert
 from .errors import (AlreadyConvertedError, BioExtError, ConfigError, ConversionError, FeedbackSignalError,
-                     NothingToConvertError, OutputDimError, OutputTypeError, UnknownModeError,
+                     NothingToConvertError, OutputDimError, OutputTypeError, PartitionError, UnknownModeError,
                      UnsupportedModuleError)
 from .inspection import LayerAlignment, alignment, input_gradients
 from .layers import FeedbackConv2d, FeedbackLayer, FeedbackLinear
@@ -24,5 +25,6 @@ __all__ = [
     "available_modes", "get_mode", "FeedbackRule", "ConvertConfig", "FeedbackLayer", "FeedbackLinear",
     "FeedbackConv2d", "errors", "BioExtError", "ConfigError", "UnknownModeError", "ConversionError",
     "AlreadyConvertedError", "NothingToConvertError", "OutputDimError", "UnsupportedModuleError",
-    "OutputTypeError", "FeedbackSignalError", "feedback_points", "register_expander",
+    "OutputTypeError", "FeedbackSignalError", "feedback_points", "register_expander", "LayerAlignment",
+    "blockwise", "BlockwiseConfig", "partition", "set_targets", "train_step", "local_losses", "PartitionError",
 ]

@@ -434,6 +434,10 @@ def convert(model: nn.Module, mode: Union[str, ConvertConfig] = "dfa", *, output
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedModuleError(f"convert() expects a torch.nn.Module, got {type(model).__name__}")
+    if mode == "bwbpf" or getattr(mode, "mode", None) == "bwbpf":  # block-wise local losses: bio_ext.blockwise
+        from .blockwise import BlockwiseConfig, blockwise
+        return blockwise(model, config=mode if isinstance(mode, BlockwiseConfig) else None, inplace=inplace,
+                         **options)
     if isinstance(mode, ConvertConfig):
         if options or output_dim is not None:
             cfg = ConvertConfig.from_dict({**mode.to_dict(), **options,
@@ -589,6 +593,8 @@ def revert(model: nn.Module) -> nn.Module:
     Returns the model (a new object only when the root itself was a converted layer).
     Feedback tensors are dropped.
     """
+    from .blockwise import unwrap as _unwrap_blockwise
+    _unwrap_blockwise(model)  # hooks and auxiliary heads of bio_ext.blockwise
     root = model
     for pick in (lambda m: isinstance(m, FeedbackLayer),  # layers first, then the modules holding them
                  lambda m: getattr(type(m), "bio_ext_expanded", False)):

@@ -95,3 +95,7 @@ class RunExistsError(BioExtError, ValueError):
 class NonFiniteLossError(BioExtError, ValueError):
     """The training loss became NaN or infinite. The message names the epoch and step and the last
     good checkpoint, which is kept."""
+
+
+class PartitionError(ConversionError):
+    """A model cannot be split into blocks as asked (see :mod:`bio_ext.blockwise`). The model was left unchanged."""
