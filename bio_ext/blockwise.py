@@ -81,6 +81,7 @@ import torch.nn.functional as F
 from torch.autograd import Function
 
 from .errors import ConfigError, ConversionError, FeedbackSignalError, PartitionError, UnsupportedModuleError
+from .functional import targets_from_error
 
 log = logging.getLogger(__name__)
 
@@ -641,16 +642,8 @@ def recover_targets(error: torch.Tensor) -> torch.Tensor:
     Rows that are all zero (no loss on them) get ``-100``. Raises
     :class:`~bio_ext.errors.FeedbackSignalError` for a row with no negative entry.
     """
-    e = error.detach()
-    valid = e.ne(0).any(dim=1)
-    mins, idx = e.min(dim=1)
-    bad = valid & ~(mins < 0)
-    if bool(bad.any()):
-        raise FeedbackSignalError(
-            "blockwise: the local losses recover the targets from the output error, which is exact for softmax "
-            f"cross-entropy; {int(bad.sum())} row(s) of the error have no negative entry, so the loss is not "
-            "cross-entropy. Pass the targets before the forward: bio_ext.blockwise.set_targets(model, y)")
-    return torch.where(valid, idx, torch.full_like(idx, -100))
+    return targets_from_error(error, "blockwise: the local losses",
+                              "Pass the targets before the forward: bio_ext.blockwise.set_targets(model, y)")
 
 
 def _local_grad(aux: torch.Tensor, targets: torch.Tensor, weight: float) -> Tuple[torch.Tensor, float]:

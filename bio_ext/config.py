@@ -51,7 +51,9 @@ class ConvertConfig:
             sub-layer and block). See :mod:`bio_ext.points`.
         points: explicit module names for the macro/micro feedback points (overrides the
             automatic discovery of blocks and sub-layers).
-        seed: seeds the feedback initialisation (None: torch's global RNG).
+        seed: seeds the feedback initialisation (None: torch's global RNG). The feedback's stream is
+            derived from ``seed`` (:func:`bio_ext.modes.feedback_generator`), so it differs from that
+            of ``torch.manual_seed(seed)`` even when both use the same number.
         output_key: where the output tensor is in a tuple (int) or dict/ModelOutput
             (str) output; default ``logits`` for mappings, first tensor for tuples.
         options: mode-specific options.

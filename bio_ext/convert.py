@@ -26,7 +26,7 @@ from .errors import ConfigError
 from .errors import (AlreadyConvertedError, ConversionError, NothingToConvertError, OutputDimError, OutputTypeError,
                      UnsupportedModuleError)
 from .layers import FeedbackConv2d, FeedbackLayer, FeedbackLinear
-from .modes import ModeSpec, get_mode
+from .modes import ModeSpec, feedback_generator, get_mode
 from .session import (ErrorTap, FeedbackBank, FeedbackSession, _set_session, input_tap_hook, output_hook,
                       remove_hooks)
 
@@ -555,7 +555,7 @@ def _convert_planned(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec) -> n
             "Use 'dfa' for a single layer, or convert a deeper model.")
     generator = None
     if cfg.seed is not None:
-        generator = torch.Generator().manual_seed(cfg.seed)
+        generator = feedback_generator(cfg.seed)
     new_layers = []
     for name, handler in selected:
         old = target.get_submodule(name) if name else target

@@ -107,3 +107,23 @@ def pad_input(x: torch.Tensor, pad: Optional[Sequence[int]], mode: str) -> torch
     if pad is None:
         return x
     return F.pad(x, tuple(pad), mode=mode)
+
+
+def targets_from_error(error: torch.Tensor, who: str, fix: str) -> torch.Tensor:
+    """Class targets from a softmax cross-entropy output error ``(N, C)``: each row's negative entry.
+
+    ``e_n = (softmax(z_n) - onehot(y_n)) * c`` (``c > 0`` for any reduction or class weight) is
+    negative at the target class only, so the target is the row's argmin. Rows that are all zero
+    (``ignore_index``, padding) get ``-100``. A row with no negative entry means the loss is not
+    cross-entropy: :class:`~bio_ext.errors.FeedbackSignalError` naming ``who`` and ``fix``.
+    """
+    from .errors import FeedbackSignalError
+    e = error.detach()
+    valid = e.ne(0).any(dim=1)
+    mins, idx = e.min(dim=1)
+    bad = valid & ~(mins < 0)
+    if bool(bad.any()):
+        raise FeedbackSignalError(
+            f"{who} recovers the targets from the output error, which is exact for softmax cross-entropy; "
+            f"{int(bad.sum())} row(s) of the error have no negative entry, so the loss is not cross-entropy. {fix}")
+    return torch.where(valid, idx, torch.full_like(idx, -100))

@@ -72,6 +72,18 @@ def random_feedback(
     return out.to(like.device)
 
 
+def feedback_generator(seed: int) -> torch.Generator:
+    """The generator that draws the feedback of ``convert(..., seed=seed)``.
+
+    Its stream is derived from ``seed`` by a hash, so it never equals the stream of
+    ``torch.manual_seed(seed)``: seeding the model's initialisation and the conversion with the
+    same number (the common pattern) does not make the feedback a copy of the initial weights.
+    """
+    import hashlib
+    digest = hashlib.blake2b(f"bio_ext.feedback:{int(seed)}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
 @dataclass(frozen=True)
 class FeedbackSpec:
     """What a layer tells a rule about itself when its feedback is created.
@@ -282,8 +294,9 @@ class DirectRandomTargetProjection(DirectFeedbackAlignment):
     The user's loop passes only ``x`` to the model, so the target is recovered in the
     backward from the output error: for softmax cross-entropy ``e_n = (p_n - y_n) / N``
     is negative at the target class and positive everywhere else, so
-    ``target = argmin e_n`` exactly (with or without label smoothing below 1/2, any
-    reduction). Rows whose error is exactly zero carry no signal. The signal is
+    ``target = argmin e_n`` exactly (any reduction; label smoothing keeps the argmin).
+    Rows whose error is exactly zero carry no signal; an error row with no negative entry
+    (not a cross-entropy loss) raises :class:`~bio_ext.errors.FeedbackSignalError`. The signal is
     ``-onehot(target) / N`` (``N`` rows), the scale of a mean-reduced loss, so learning
     rates carry over from ``dfa``. For losses other than cross-entropy over classes the
     recovered target is meaningless: use ``dfa`` there.
@@ -292,7 +305,8 @@ class DirectRandomTargetProjection(DirectFeedbackAlignment):
     transforms_error = True
 
     def error_signal(self, e: torch.Tensor) -> torch.Tensor:
-        target = e.argmin(dim=-1, keepdim=True)
-        signal = torch.zeros_like(e).scatter_(-1, target, -1.0 / e.shape[0])
-        live = (e != 0).any(dim=-1, keepdim=True)
+        from .functional import targets_from_error
+        target = targets_from_error(e, "mode 'drtp'", "Use mode 'dfa' for losses other than cross-entropy.")
+        live = target.ge(0).unsqueeze(-1)
+        signal = torch.zeros_like(e).scatter_(-1, target.clamp_min(0).unsqueeze(-1), -1.0 / e.shape[0])
         return signal * live

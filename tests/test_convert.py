@@ -124,6 +124,16 @@ def test_seed_makes_feedback_reproducible():
     assert torch.equal(a[3].feedback, b[3].feedback)
 
 
+def test_feedback_is_not_a_copy_of_weights_initialised_from_the_same_seed():
+    """torch.manual_seed(s); build; convert(seed=s) must not give FA feedback equal to the initial weights."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    conv = bio_ext.convert(model, "fa", seed=7)
+    for i in (0, 2):
+        assert conv[i].feedback.shape == conv[i].weight.shape
+        assert not torch.allclose(conv[i].feedback, conv[i].weight)
+
+
 def test_output_dim_is_inferred_from_last_linear():
     conv = bio_ext.convert(small_cnn(), "dfa")
     assert conv[3].feedback.shape == (10, 8, 3, 3)

@@ -69,3 +69,10 @@ def test_drtp_trains_a_conv_net_and_lowers_the_loss():
 def test_drtp_refuses_the_error_at_the_head_input():
     with pytest.raises(errors.ConversionError, match="error_at='output'"):
         bio_ext.convert(tanh_mlp(), "drtp", error_at="head_input")
+
+
+def test_drtp_refuses_a_loss_that_is_not_cross_entropy_with_the_fix():
+    conv, _ = _drtp_mlp()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    with pytest.raises(errors.FeedbackSignalError, match="mode 'dfa'"):
+        conv(x).exp().sum().backward()  # error exp(z) > 0: rows with no negative entry

@@ -464,7 +464,10 @@ class Run:
         return RunResult(mode, seed, self.run_dir, "finished", history, _final(history), align_rows)
 
     def _probe(self, model, x, y, loss_fn, step: int, epoch: int, tb) -> Dict[str, Any]:
+        from ..blockwise import is_blockwise
         from ..inspection import alignment
+        if is_blockwise(model):  # local losses: no injected signal to compare, and the wrapper is not copyable
+            return {"step": step, "epoch": epoch + 1, "layers": {}}
         k = self.cfg.training.metrics.alignment_batch
         was = model.training
         report = alignment(model, x[:k], y[:k], loss_fn)

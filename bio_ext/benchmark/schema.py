@@ -61,9 +61,13 @@ class Spec:
     lower: bool = False  # compare case-insensitively
 
 
+#: block-wise training with local losses: not a feedback rule, built by bio_ext.blockwise
+BLOCKWISE = "bwbpf"
+
+
 def _modes() -> List[str]:
     from ..modes import available_modes
-    return sorted(available_modes())
+    return sorted([*available_modes(), BLOCKWISE])
 
 
 def _datasets() -> List[str]:
@@ -383,8 +387,15 @@ class ModeConfig(_Section):
         return own
 
     def convert_config(self, mode: str, seed: Optional[int] = None):
-        """The :class:`bio_ext.ConvertConfig` of one mode of the sweep."""
+        """The :class:`bio_ext.ConvertConfig` of one mode of the sweep (for ``bwbpf``, the
+        :class:`bio_ext.BlockwiseConfig`: its options are those of :func:`bio_ext.blockwise`)."""
         from ..config import ConvertConfig
+        if mode == BLOCKWISE:
+            from ..blockwise import BlockwiseConfig
+            own = self.mode_options_for(mode)
+            if seed is not None:
+                own.setdefault("seed", seed + FEEDBACK_SEED_OFFSET)
+            return BlockwiseConfig.from_dict(own)
         kwargs = dict(self.convert)
         bt = self.biotorch_options()
         if "init" in bt and "init" not in kwargs:
@@ -423,6 +434,12 @@ class ModeConfig(_Section):
         seen = set()
         for m in modes:
             own = self.mode_options_for(m)
+            if m == BLOCKWISE:
+                try:
+                    self.convert_config(m, seed=0)
+                except ConfigError as e:
+                    problems += [f"{p}.options.{msg} (mode {m}; options of bio_ext.blockwise)" for msg in e.problems]
+                continue
             for msg in get_mode(m).rule.validate_options(own):
                 key = msg.split(":", 1)[0].replace("options.", "", 1)
                 where = f"{p}.mode_options.{m}" if key in (self.mode_options.get(m) or {}) else f"{p}.options"

@@ -21,12 +21,17 @@ from bio_ext.errors import NonFiniteLossError, RunExistsError
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+#: the MLP below has two hidden units before its output layer: two blocks at most
+BLOCKWISE_OPTIONS = {"bwbpf": {"blocks": 2}}
+
+
 def config(tmp_path, modes=("fa", "grape"), epochs=2, seeds=(0,), **metrics):
     return BenchmarkConfig.from_dict({
         "experiment": {"name": "t", "output_dir": str(tmp_path), "seeds": list(seeds), "deterministic": True},
         "data": {"dataset": "synthetic", "limit": 96, "val_fraction": 0.25,
                  "options": {"input_shape": [12], "num_classes": 3, "train_size": 128, "test_size": 64}},
-        "model": {"architecture": "mlp", "kwargs": {"hidden": [16, 16]}, "mode": {"type": list(modes)}},
+        "model": {"architecture": "mlp", "kwargs": {"hidden": [16, 16]}, "mode": {"type": list(modes),
+                 "mode_options": {m: o for m, o in BLOCKWISE_OPTIONS.items() if m in modes}}},
         "training": {"hyperparameters": {"epochs": epochs, "batch_size": 16},
                      "optimizer": {"type": "adam", "lr": 1e-2},
                      "lr_scheduler": {"type": "exponential", "gamma": 0.9},
@@ -91,7 +96,7 @@ def test_tensorboard_tags_are_written_and_hold_finite_values(tmp_path):
     assert all(60 < fa[f"alignment/feedback/{n}"][0][1] < 120 for n in layers)
 
 
-@pytest.mark.parametrize("mode", ["grape", "brsf"])
+@pytest.mark.parametrize("mode", ["grape", "brsf", "bwbpf"])
 def test_resume_after_a_kill_ends_like_an_uninterrupted_run(tmp_path, mode):
     whole = run_experiment(config(tmp_path / "a", modes=(mode,), epochs=3))
 
@@ -273,3 +278,21 @@ def test_biotorch_constrain_weights_and_gradient_clip(tmp_path):
     for name, p in initial.named_parameters():
         if name.endswith("weight"):
             assert torch.allclose(trained[name].norm(), p.detach().norm(), rtol=1e-5), name
+
+
+def test_blockwise_runs_through_the_runner_with_its_heads_in_the_checkpoint(tmp_path):
+    res = run_experiment(config(tmp_path, modes=("bwbpf",), epochs=1))
+    run = res.runs[0]
+    assert run.status == "finished" and math.isfinite(run.history[-1]["train_loss"])
+    state = final_state(tmp_path / "t" / "bwbpf" / "seed_0")
+    assert any(k.startswith("bio_ext_aux_heads") or "aux" in k for k in state), list(state)
+
+
+def test_bad_blockwise_options_are_reported_with_their_path(tmp_path):
+    from bio_ext.errors import ConfigError
+    cfg = config(tmp_path, modes=("bwbpf",)).to_dict()
+    cfg["model"]["mode"]["mode_options"] = {"bwbpf": {"blocks": 0, "isolate": "yes"}}
+    with pytest.raises(ConfigError) as exc:
+        BenchmarkConfig.from_dict(cfg)
+    text = str(exc.value)
+    assert "model.mode" in text and "blocks" in text and "isolate" in text
