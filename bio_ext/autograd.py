@@ -66,25 +66,35 @@ class LinearLocalFn(Function):
         return gx, gw, gb, None
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias, transposed: bool) -> torch.Tensor:
+    """``x @ W^T + b``, or for a weight stored ``(in, out)`` (transformers Conv1D) ``x @ W + b``."""
+    if not transposed:
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.addmm(bias, x2, weight) if bias is not None else x2.mm(weight)
+    return out.view(x.shape[:-1] + (weight.shape[1],))
+
+
 class LinearDirectFn(Function):
     """``F.linear`` whose input gradient is the session's projection of the output error."""
 
     @staticmethod
-    def forward(x, weight, bias, session, slot):
-        return F.linear(x, weight, bias)
+    def forward(x, weight, bias, session, slot, transposed=False):
+        return _linear(x, weight, bias, transposed)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, session, slot = inputs
+        x, weight, bias, session, slot = inputs[:5]
+        ctx.transposed = len(inputs) > 5 and inputs[5]
         ctx.has_bias = bias is not None
         ctx.session, ctx.slot, ctx.x_shape = session, slot, x.shape
         ctx.w_fwd = weight
         ctx.save_for_backward(x)
 
     @staticmethod
-    def jvp(ctx, x_t, w_t, b_t, _session, _slot):
+    def jvp(ctx, x_t, w_t, b_t, _session, _slot, _transposed=None):
         # forward-mode tangents flow through the layer (weights carry none: activity perturbation)
-        return F.linear(x_t, ctx.w_fwd.detach())
+        return _linear(x_t, ctx.w_fwd.detach(), None, ctx.transposed)
 
     @staticmethod
     def backward(ctx, g):
@@ -93,8 +103,13 @@ class LinearDirectFn(Function):
         gx = None
         if need[0]:
             gx = fit_rows(ctx.session.take(ctx.slot), ctx.x_shape, "Linear")
-        gw, gb = linear_param_grads(g, x, need[1], ctx.has_bias and need[2])
-        return gx, gw, gb, None, None
+        if ctx.transposed:  # transformers Conv1D, weight stored (in, out): its gradient in that layout
+            g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+            gw = x2.t().mm(g2) if need[1] else None
+            gb = g2.sum(0) if ctx.has_bias and need[2] else None
+        else:
+            gw, gb = linear_param_grads(g, x, need[1], ctx.has_bias and need[2])
+        return gx, gw, gb, None, None, None
 
 
 class Conv2dLocalFn(Function):

@@ -160,7 +160,7 @@ class FeedbackLinear(FeedbackLayer):
         session, slot, x = self._direct_slot(x)
         if session is None and x.requires_grad:
             raise _no_session_error()
-        return LinearDirectFn.apply(x, w, self.bias, session, slot)
+        return LinearDirectFn.apply(x, self.weight, self.bias, session, slot, self.transposed)
 
 
 class FeedbackConv2d(FeedbackLayer):
