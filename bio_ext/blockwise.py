@@ -109,8 +109,11 @@ class BlockwiseConfig:
             for feature maps, mean over tokens for sequences unless the output layer predicts
             per token, then per token), ``avg``, ``mean``, ``token`` or ``flatten``.
         local_weight: multiplies every local loss.
-        layer_mode: convert the blocks' layers with a per-layer mode of the ``bp`` or ``local``
-            family (``fa``, ``usf``, ...) as well; direct modes are refused.
+        layer_mode: convert the blocks' layers with a per-layer mode as well: ``bp`` or the local
+            family (``fa``, ``usf``, ...), or ``dfa``/``drtp``, whose layers then get the projection of
+            their own block's local error ``e_k = dL_k/d(aux_k)`` (``B`` is ``(classes, in)``; the
+            block's last layer trains on the true gradient through its auxiliary head). Direct modes
+            need ``isolate=True``; ``grape`` is refused (no tangents at the auxiliary heads).
         units / head: the spine (module names in forward order) and output layer, for models
             that are not a known family.
         seed: seeds the auxiliary heads' (and ``layer_mode``'s feedback) initialisation.
@@ -168,12 +171,16 @@ class BlockwiseConfig:
             from .modes import _MODES
             if not isinstance(self.layer_mode, str) or self.layer_mode not in _MODES:
                 problems.append(f"layer_mode: unknown mode {self.layer_mode!r}; valid: {', '.join(sorted(_MODES))}")
-            elif _MODES[self.layer_mode].family == "direct":
+            elif _MODES[self.layer_mode].rule.forward_gradient:
                 problems.append(
-                    f"layer_mode: {self.layer_mode!r} is a direct-feedback mode, which projects ONE output error "
-                    "to every layer; inside blocks trained by their own local losses there is no single output "
-                    "error to project. Use a mode of the local family (fa, usf, brsf, frsf) or bp, or train the "
-                    "whole model with convert(model, mode=" f"{self.layer_mode!r}) instead")
+                    f"layer_mode: {self.layer_mode!r} needs forward-mode tangents at every auxiliary head, which "
+                    "blockwise does not carry; use layer_mode='dfa' or 'drtp' inside blocks, or train the whole "
+                    f"model with convert(model, mode={self.layer_mode!r})")
+            elif _MODES[self.layer_mode].family == "direct" and self.isolate is False:
+                problems.append(
+                    f"layer_mode: {self.layer_mode!r} projects each block's own local error onto its layers, which "
+                    "needs isolated blocks: with isolate=False later losses reach the block too. Use isolate=True, "
+                    "or a local-family layer_mode (fa, usf, brsf, frsf)")
         if self.units and self.head is None:
             problems.append("head: give the output layer's name with units=[...]")
         if self.head is not None and not isinstance(self.head, str):
@@ -628,12 +635,14 @@ def _aux_head(shape: Tuple[int, ...], out_shape: Tuple[int, ...], pool: str) -> 
 class _Step:
     """One forward of a wrapped model: the auxiliary outputs waiting for targets."""
 
-    __slots__ = ("targets", "aux", "losses")
+    __slots__ = ("targets", "aux", "losses", "sessions")
 
     def __init__(self, targets: Optional[torch.Tensor]):
         self.targets = targets
         self.aux: List[torch.Tensor] = []
         self.losses: List[Optional[float]] = []
+        #: with a direct layer_mode: one feedback session per block, fed that block's local error
+        self.sessions: List[Any] = []
 
 
 def recover_targets(error: torch.Tensor) -> torch.Tensor:
@@ -681,8 +690,10 @@ class _Collect(Function):
         targets = step.targets if step.targets is not None else recover_targets(grad.reshape(-1, grad.shape[-1]))
         grads = []
         step.losses = []
-        for a in ctx.aux:
+        for k, a in enumerate(ctx.aux):
             g, v = _local_grad(a, targets, ctx.weight)
+            if k < len(step.sessions):  # direct layer_mode: block k's layers get e_k @ B
+                step.sessions[k].receive_error(g.reshape(-1, g.shape[-1]))
             grads.append(g)
             step.losses.append(v)
         return (grad, None, None, *grads)
@@ -704,6 +715,9 @@ class BlockwiseState:
         self.pending: Optional[torch.Tensor] = None
         self.last_step: Optional[_Step] = None
         self.aux_prefix = AUX_NAME
+        #: with a direct layer_mode: (rule, output_dim, one FeedbackBank per block)
+        self.direct: Optional[Tuple[Any, int, List[Any]]] = None
+        self.outer_session: Any = None
 
     def __getstate__(self):
         raise TypeError("a blockwise-wrapped model cannot be deep-copied or pickled: save model.state_dict(), or "
@@ -718,9 +732,27 @@ def is_blockwise(model: nn.Module) -> bool:
     return _state(model) is not None
 
 
+def _open_block_session(state: BlockwiseState, step: "_Step", block: int) -> None:
+    """Direct layer_mode: make block ``block``'s feedback session current while the block runs."""
+    from .session import FeedbackSession, _set_session
+    if state.direct is None:
+        return
+    rule, output_dim, banks = state.direct
+    if block < len(banks):
+        session = FeedbackSession(banks[block], output_dim, rule)
+        step.sessions.append(session)
+        _set_session(session)
+    else:  # the output layer: trained by the global loss, no session
+        _set_session(None)
+
+
 def _root_pre(state: BlockwiseState, module, args):
     if torch.is_grad_enabled() and module.training:
         state.step = state.last_step = _Step(state.pending)
+        if state.direct is not None:
+            from .session import current_session
+            state.outer_session = current_session()
+            _open_block_session(state, state.step, 0)
     else:
         state.step = None
     state.pending = None
@@ -728,6 +760,10 @@ def _root_pre(state: BlockwiseState, module, args):
 
 
 def _root_post(state: BlockwiseState, module, args, output):
+    if state.direct is not None and state.step is not None:
+        from .session import _set_session
+        _set_session(state.outer_session)
+        state.outer_session = None
     state.step = None
     return None
 
@@ -748,11 +784,15 @@ def _boundary(state: BlockwiseState, index: int, module, args, kwargs):
                 "targets before it: call bio_ext.blockwise.set_targets(model, y) before model(x), or use "
                 "bio_ext.blockwise.train_step(model, x, y, loss_fn, optimizer)")
         g, v = _local_grad(a, step.targets, cfg.local_weight)
+        if index < len(step.sessions):
+            step.sessions[index].receive_error(g.reshape(-1, g.shape[-1]))
         if a.requires_grad:
             a.backward(g)  # this block's graph (activations) is freed here
         step.losses.append(v)
+        _open_block_session(state, step, index + 1)
         return put(x.detach())
     step.aux.append(a)
+    _open_block_session(state, step, index + 1)
     return put(x.detach()) if cfg.isolate else None
 
 
@@ -874,13 +914,28 @@ def blockwise(model: nn.Module, blocks: Optional[int] = None, *, config: Optiona
     # everything that can fail has run: now modify (a copy of) the model
     work = model if inplace else copy.deepcopy(model)
     converted = False
+    direct = None
     if cfg.layer_mode is not None:
         from .convert import convert
-        work = convert(work, cfg.layer_mode, inplace=True, exclude=[part.head], seed=cfg.seed)
+        from .modes import get_mode
+        spec = get_mode(cfg.layer_mode)
+        if spec.family == "direct":  # each block's layers get the projection of the block's own local error
+            from .convert import _root_hook, _root_pre_hook
+            from .session import FeedbackBank, input_tap_hook, output_hook, remove_hooks
+            work = convert(work, cfg.layer_mode, inplace=True, exclude=[part.head], seed=cfg.seed,
+                           output_layer=part.head, output_dim=out_shape[-1], error_at="output")
+            remove_hooks(work, (_root_pre_hook, _root_hook))  # the blocks' sessions replace the global one
+            head_mod = work.get_submodule(part.head)
+            remove_hooks(head_mod, (output_hook, input_tap_hook))
+            head_mod.__dict__.pop("_bio_ext_tap", None)
+            direct = (spec.rule, out_shape[-1], [FeedbackBank() for _ in part.blocks])
+        else:
+            work = convert(work, cfg.layer_mode, inplace=True, exclude=[part.head], seed=cfg.seed)
         converted = True
     holder_name = _aux_holder(work, part.head)
     work.get_submodule(holder_name).add_module(AUX_NAME, aux)
     state = BlockwiseState(cfg, part, aux, converted)
+    state.direct = direct
     state.aux_prefix = f"{holder_name}.{AUX_NAME}" if holder_name else AUX_NAME
     work.__dict__[_STATE] = state
     import functools

@@ -190,10 +190,60 @@ def test_fa_inside_blocks_matches_fa_autograd_and_differs_from_bp():
     assert not torch.allclose(got[first], bp[first])
 
 
-@pytest.mark.parametrize("mode", ["dfa", "grape"])
-def test_direct_layer_modes_are_refused(mode):
-    with pytest.raises(ConfigError, match="direct-feedback mode"):
-        bio_ext.blockwise(mlp(), 2, layer_mode=mode)
+@pytest.mark.parametrize("mode", ["dfa", "drtp"])
+def test_direct_modes_inside_blocks_project_each_blocks_own_local_error(mode):
+    """Hand oracle, MLP x -L0- h1 | -L1- h2 -L2- h3 | -L3-> out, split after h1, layer_mode dfa/drtp:
+    block 2's L2 gets s_2 @ B_L2 at its input (s = the local error e_2 for dfa, -onehot(y)/N for drtp),
+    L2 itself the true gradient through its auxiliary head A1; block 1 (one layer) trains on A0's error."""
+    import torch.nn.functional as F
+    from helpers import dfa_signal, drtp_signal
+    signal = {"dfa": dfa_signal, "drtp": drtp_signal}[mode]
+    model = mlp(sizes=(6, 9, 8, 7, 5))
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 5, (10,))
+    w = bio_ext.blockwise(model, splits=["2"], layer_mode=mode, seed=3)
+    ce(w(x), y).backward()
+    l0, l1, l2, l3 = w[0], w[2], w[4], w[6]
+    a0, a1 = w.get_submodule(aux_prefix(w))[0], w.get_submodule(aux_prefix(w))[1]
+    with torch.no_grad():
+        h1 = torch.tanh(x @ l0.weight.t() + l0.bias)
+        h2 = torch.tanh(h1 @ l1.weight.t() + l1.bias)
+        h3 = torch.tanh(h2 @ l2.weight.t() + l2.bias)
+        onehot = F.one_hot(y, 5).to(x.dtype)
+        e1 = (torch.softmax(a0(h1), 1) - onehot) / len(y)
+        e2 = (torch.softmax(a1(h3), 1) - onehot) / len(y)
+        aux_w0 = [m for m in a0.modules() if isinstance(m, nn.Linear)][-1].weight
+        aux_w1 = [m for m in a1.modules() if isinstance(m, nn.Linear)][-1].weight
+        d0 = (e1 @ aux_w0) * (1 - h1 ** 2)
+        d2 = (e2 @ aux_w1) * (1 - h3 ** 2)
+        d1 = (signal(e2, y) @ l2.feedback) * (1 - h2 ** 2)
+    torch.testing.assert_close(l0.weight.grad, d0.t() @ x)
+    torch.testing.assert_close(l2.weight.grad, d2.t() @ h2)
+    torch.testing.assert_close(l2.bias.grad, d2.sum(0))
+    torch.testing.assert_close(l1.weight.grad, d1.t() @ h1)
+    torch.testing.assert_close(l1.bias.grad, d1.sum(0))
+    assert l2.feedback.shape == (5, 8)
+    # the model's output layer trains on the global loss only
+    e = (torch.softmax(l3(h3), 1) - onehot) / len(y)
+    torch.testing.assert_close(l3.weight.grad, e.t() @ h3)
+    # and it is not backprop inside the block
+    bp = bio_ext.blockwise(model, splits=["2"], seed=3)
+    ce(bp(x), y).backward()
+    assert not torch.allclose(bp[2].weight.grad, l1.weight.grad)
+
+
+def test_direct_modes_inside_blocks_with_early_backward_match_one_backward():
+    model = mlp(sizes=(6, 9, 8, 7, 5))
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 5, (10,))
+    late = bio_ext.blockwise(model, splits=["2"], layer_mode="dfa", seed=3)
+    early = bio_ext.blockwise(model, splits=["2"], layer_mode="dfa", seed=3, early_backward=True)
+    assert_grads_equal(actual_grads(early, x, y, ce, targets=y), actual_grads(late, x, y, ce), atol=1e-12)
+
+
+@pytest.mark.parametrize("options,match", [({"layer_mode": "grape"}, "tangents"),
+                                           ({"layer_mode": "dfa", "isolate": False}, "isolate=True")])
+def test_direct_layer_modes_that_cannot_work_inside_blocks_are_refused(options, match):
+    with pytest.raises(ConfigError, match=match):
+        bio_ext.blockwise(mlp(), 2, **options)
 
 
 # --------------------------------------------------------------------------- targets from the output error
@@ -413,3 +463,21 @@ def test_tiny_gpt2_with_tied_embeddings_trains_a_few_steps():
         losses.append(out.loss.item())
     assert losses[-1] < losses[0] - 0.1
     assert len(bio_ext.local_losses(w)) == 3
+
+
+def test_resnet18_with_dfa_inside_blocks_trains_and_reverts_to_plain_layers():
+    torch.manual_seed(0)
+    w = bio_ext.blockwise(torchvision.models.resnet18(num_classes=10), blocks=2, layer_mode="dfa", seed=0)
+    opt = torch.optim.SGD(w.parameters(), lr=0.01)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = ce(w(x), y)
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in w.parameters())
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    plain = bio_ext.revert(w)
+    assert not bio_ext.is_converted(plain) and not any(isinstance(m, bio_ext.FeedbackLayer) for m in plain.modules())
