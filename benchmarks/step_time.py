@@ -8,6 +8,7 @@ plus weight gradients with no input-gradient products at all.
 
     python benchmarks/step_time.py                      # all models, all modes
     python benchmarks/step_time.py --models mlp --modes dfa --rounds 20
+    python benchmarks/step_time.py --models mlp --modes grape,grape:directions=2,grape:directions=4
 """
 
 from __future__ import annotations
@@ -121,6 +122,17 @@ def biotorch_call(mode):
     return lambda m, x, y, loss_fn: m(x)
 
 
+def parse_variant(variant: str):
+    """``mode`` or ``mode:key=value:key=value`` (mode options, values read as YAML scalars)."""
+    import yaml
+    mode, *pairs = variant.split(":")
+    options = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        options[key] = yaml.safe_load(value)
+    return mode, options
+
+
 def run(model_name: str, modes, *, rounds: int, per_round: int, warmup: int, device: torch.device,
         with_biotorch: bool, with_floor: bool) -> Dict[str, float]:
     torch.manual_seed(0)
@@ -131,9 +143,10 @@ def run(model_name: str, modes, *, rounds: int, per_round: int, warmup: int, dev
     steps: Dict[str, Callable[[], None]] = {"backprop": make_step(clone(base), x, y)}
     if with_floor:
         steps["floor"] = make_step(floor_model(base), x, y)
-    for mode in modes:
-        steps[f"bio_ext {mode}"] = make_step(bio_ext.convert(base, mode), x, y)
-        if with_biotorch and mode in BIOTORCH_MODES:
+    for variant in modes:
+        mode, options = parse_variant(variant)
+        steps[f"bio_ext {variant}"] = make_step(bio_ext.convert(base, mode, options=options), x, y)
+        if with_biotorch and mode in BIOTORCH_MODES and not options:
             try:
                 bt = biotorch_model(base, mode, 10).to(device)
                 fn = make_step(bt, x, y, call=biotorch_call(mode))

@@ -72,7 +72,8 @@ Options (``convert(model, "grape", options={...})``):
     draws fresh perturbations from a per-step generator, and updates copies of BatchNorm's
     running statistics that are thrown away; afterwards the RNG continues as after one forward.
     The estimate is the mean ``g_l = (1/K) sum_k d^k u_l^k``: still unbiased, with ``1/K`` of the
-    variance (both tested). Each replay costs about one forward with tangents, so ``K = 1`` keeps
+    variance (both tested). Each replay is a forward with tangents (measured: 0.8x a backprop step
+    on the seed's MLP, 1.2x on its CNN; BENCHMARKS.md), so ``K = 1`` keeps
     the one-forward-one-backward cost the paper sells; the moving average (``momentum``) is the
     free way to cut variance.
 ``perturbation`` (default ``"input"``)
