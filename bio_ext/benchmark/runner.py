@@ -197,7 +197,11 @@ def build_run_model(cfg: BenchmarkConfig, mode: str, seed: int, bundle) -> nn.Mo
     if cfg.model.checkpoint:
         state = torch.load(cfg.model.checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
-    return convert(model, cfg.model.mode.convert_config(mode, seed=seed))
+    config = cfg.model.mode.convert_config(mode, seed=seed)
+    if mode == "bwbpf":  # the partition's probe forward gets a batch of the dataset's shape
+        from ..blockwise import blockwise
+        return blockwise(model, config=config, example_input=torch.zeros(2, *bundle.input_shape))
+    return convert(model, config)
 
 
 def build_optimizer(cfg: BenchmarkConfig, params) -> torch.optim.Optimizer:

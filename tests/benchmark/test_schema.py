@@ -190,7 +190,7 @@ def test_every_shipped_config_validates(path):
 def test_table1_configs_train_every_registered_mode():
     for name in ("mnist_mlp", "mnist_cnn", "cifar10_mlp", "cifar10_cnn"):
         cfg = load_config(str(ROOT / "configs" / f"table1_{name}.yaml"))
-        assert set(cfg.modes) == set(bio_ext.available_modes()), name
+        assert set(cfg.modes) == {*bio_ext.available_modes(), "bwbpf"}, name
         o = cfg.training
         assert (o.optimizer.type, o.optimizer.lr, o.lr_scheduler.type, o.lr_scheduler.gamma,
                 o.hyperparameters.batch_size, o.hyperparameters.epochs) == ("adam", 1e-4, "exponential", 0.95, 256, 100)
