@@ -81,6 +81,7 @@ import torch.nn.functional as F
 from torch.autograd import Function
 
 from .errors import ConfigError, ConversionError, FeedbackSignalError, PartitionError, UnsupportedModuleError
+from .config import RoundTrip
 from .functional import targets_from_error
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ _STATE = "_bio_ext_blockwise"
 
 
 @dataclass(frozen=True)
-class BlockwiseConfig:
+class BlockwiseConfig(RoundTrip):
     """Options of :func:`blockwise` (round-trips to dict/YAML; ``mode`` is always ``"bwbpf"``).
 
     Attributes:
@@ -118,6 +119,8 @@ class BlockwiseConfig:
             that are not a known family.
         seed: seeds the auxiliary heads' (and ``layer_mode``'s feedback) initialisation.
     """
+
+    _WHAT = "blockwise configuration"
 
     mode: str = "bwbpf"
     blocks: Optional[int] = None
@@ -194,30 +197,6 @@ class BlockwiseConfig:
     def n_blocks(self) -> Optional[int]:
         return len(self.splits) + 1 if self.splits else (self.blocks if self.blocks is not None else 4)
 
-    def to_dict(self) -> Dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["splits"], d["units"] = list(self.splits), list(self.units)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "BlockwiseConfig":
-        if not isinstance(data, Mapping):
-            raise ConfigError([f"expected a mapping, got {type(data).__name__}"], what="blockwise configuration")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError([f"{k}: unknown key; valid keys are {', '.join(sorted(known))}" for k in unknown],
-                              what="blockwise configuration")
-        return cls(**dict(data))
-
-    def to_yaml(self) -> str:
-        import yaml
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    @classmethod
-    def from_yaml(cls, text: str) -> "BlockwiseConfig":
-        import yaml
-        return cls.from_dict(yaml.safe_load(text) or {})
 
 
 # --------------------------------------------------------------------------- partition (pure logic)

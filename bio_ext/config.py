@@ -14,8 +14,39 @@ GRANULARITY = ("layer", "macro", "micro")
 ERROR_AT = ("auto", "output", "head_input")
 
 
+class RoundTrip:
+    """Dict and YAML round trips of a frozen dataclass config (tuples become lists, mappings dicts);
+    ``from_dict`` reports every unknown key at once. ``_WHAT`` names the config in messages."""
+
+    _WHAT = "configuration"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, Mapping) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        if not isinstance(data, Mapping):
+            raise ConfigError([f"expected a mapping, got {type(data).__name__}"], what=cls._WHAT)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError([f"{k}: unknown key; valid keys are {', '.join(sorted(known))}" for k in unknown],
+                              what=cls._WHAT)
+        return cls(**dict(data))
+
+    def to_yaml(self) -> str:
+        import yaml
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str):
+        import yaml
+        return cls.from_dict(yaml.safe_load(text) or {})
+
+
 @dataclass(frozen=True)
-class ConvertConfig:
+class ConvertConfig(RoundTrip):
     """Everything :func:`bio_ext.convert` needs besides the model.
 
     Attributes:
@@ -58,6 +89,8 @@ class ConvertConfig:
             (str) output; default ``logits`` for mappings, first tensor for tuples.
         options: mode-specific options.
     """
+
+    _WHAT = "bio_ext configuration"
 
     mode: str = "dfa"
     output_dim: Optional[int] = None
@@ -125,31 +158,3 @@ class ConvertConfig:
         if self.output_key is not None and not isinstance(self.output_key, (str, int)):
             problems.append(f"output_key: must be a str, an int or None, got {self.output_key!r}")
         return problems
-
-    # ------------------------------------------------------------------ round trips
-    def to_dict(self) -> Dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for name in ("include", "exclude", "include_types", "exclude_types", "points"):
-            d[name] = list(d[name])
-        d["options"] = dict(self.options)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ConvertConfig":
-        if not isinstance(data, Mapping):
-            raise ConfigError([f"expected a mapping, got {type(data).__name__}"], what="bio_ext configuration")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError([f"{k}: unknown key; valid keys are {', '.join(sorted(known))}" for k in unknown],
-                              what="bio_ext configuration")
-        return cls(**dict(data))
-
-    def to_yaml(self) -> str:
-        import yaml
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    @classmethod
-    def from_yaml(cls, text: str) -> "ConvertConfig":
-        import yaml
-        return cls.from_dict(yaml.safe_load(text) or {})

@@ -39,7 +39,17 @@ def test_convert_accepts_a_config():
     assert model.mode == "fa"
 
 
-def test_register_mode_adds_a_mode_by_rule():
+@pytest.fixture
+def scratch_modes():
+    """Modes registered by a test are removed after it, so other tests see the built-in set."""
+    from bio_ext.modes import _MODES
+    before = dict(_MODES)
+    yield
+    _MODES.clear()
+    _MODES.update(before)
+
+
+def test_register_mode_adds_a_mode_by_rule(scratch_modes):
     import torch
     import torch.nn as nn
 
