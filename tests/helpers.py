@@ -25,13 +25,16 @@ def set_feedback_to_weights(model):
             layer.feedback.copy_(layer.weight)
 
 
-def train_steps(model, x, y, steps=3, lr=0.05, loss_fn=None):
+def train_steps(model, x, y, steps=3, lr=0.05, loss_fn=None, optimizer=torch.optim.SGD, compute_loss=None):
+    """``steps`` optimizer steps; every gradient must be finite. ``compute_loss(model)`` replaces
+    ``loss_fn(model(x), y)`` (e.g. a transformers model's own ``labels=`` loss). Returns the losses."""
     loss_fn = loss_fn or nn.CrossEntropyLoss()
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    compute_loss = compute_loss or (lambda m: loss_fn(m(x), y))
+    opt = optimizer(model.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
         opt.zero_grad()
-        loss = loss_fn(model(x), y)
+        loss = compute_loss(model)
         loss.backward()
         for n, p in model.named_parameters():
             assert p.grad is None or torch.isfinite(p.grad).all(), n

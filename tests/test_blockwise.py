@@ -13,18 +13,14 @@ import bio_ext
 from bio_ext.blockwise import (BlockwiseConfig, aux_prefix, balanced_cuts, partition, partition_of, recover_targets,
                                set_targets, train_step)
 from bio_ext.errors import ConfigError, ConversionError, FeedbackSignalError, PartitionError
+from helpers import tanh_mlp
 
 
 # --------------------------------------------------------------------------- models
 
 
 def mlp(sizes=(6, 9, 8, 7, 5), dtype=torch.float64):
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(nn.Tanh())
-    return nn.Sequential(*layers).to(dtype)
+    return tanh_mlp(sizes, dtype)
 
 
 def tiny_gpt2(tie=True, layers=4):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import bio_ext
 from bio_ext import errors
+from helpers import train_steps
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -132,17 +133,8 @@ def test_converted_model_gives_identical_outputs_and_converts_every_projection(a
 
 
 def _train(conv, batch, steps=8, lr=3e-3):
-    opt = torch.optim.Adam(conv.parameters(), lr=lr)
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = conv(**batch).loss
-        loss.backward()
-        for n, p in conv.named_parameters():
-            assert p.grad is None or torch.isfinite(p.grad).all(), n
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return train_steps(conv, None, None, steps, lr, optimizer=torch.optim.Adam,
+                       compute_loss=lambda m: m(**batch).loss)
 
 
 @pytest.mark.parametrize("mode,granularity", MODE_GRANULARITY)
