@@ -438,7 +438,10 @@ class ModeConfig(_Section):
                 try:
                     self.convert_config(m, seed=0)
                 except ConfigError as e:
-                    problems += [f"{p}.options.{msg} (mode {m}; options of bio_ext.blockwise)" for msg in e.problems]
+                    for msg in e.problems:
+                        key = msg.split(":", 1)[0]
+                        where = f"{p}.mode_options.{m}" if key in (self.mode_options.get(m) or {}) else f"{p}.options"
+                        problems.append(f"{where}.{msg} (mode {m}; options of bio_ext.blockwise)")
                 continue
             for msg in get_mode(m).rule.validate_options(own):
                 key = msg.split(":", 1)[0].replace("options.", "", 1)

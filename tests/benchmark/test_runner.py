@@ -295,4 +295,4 @@ def test_bad_blockwise_options_are_reported_with_their_path(tmp_path):
     with pytest.raises(ConfigError) as exc:
         BenchmarkConfig.from_dict(cfg)
     text = str(exc.value)
-    assert "model.mode" in text and "blocks" in text and "isolate" in text
+    assert "model.mode.mode_options.bwbpf.blocks" in text and "model.mode.mode_options.bwbpf.isolate" in text
