@@ -50,7 +50,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             from functools import partial
 
             from tqdm import tqdm
-            progress = partial(tqdm, unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True)
+            # in a terminal the bar redraws in place; in a log file, a line every 30 s at most
+            progress = partial(tqdm, unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True,
+                               mininterval=0.1 if sys.stderr.isatty() else 30.0)
         result = run_experiment(cfg, resume=args.resume, progress=progress)
     except BioExtError as e:
         print(f"error: {e}", file=sys.stderr)
