@@ -21,23 +21,17 @@ import bio_ext
 log = logging.getLogger("bio_ext.quickstart")
 
 
-def load_digits_split(seed: int = 0, test_fraction: float = 0.2):
-    from sklearn.datasets import load_digits
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(x), generator=g)
-    n_test = int(len(x) * test_fraction)
-    test, train = perm[:n_test], perm[n_test:]
-    mean, std = x[train].mean(0), x[train].std(0) + 1e-3
-    x = (x - mean) / std
-    return (x[train], y[train]), (x[test], y[test])
+def load_digits_split():
+    """The benchmark runner's ``digits`` set (fixed stratified 80/20 split), flattened: ((x, y), (x, y))."""
+    from .benchmark.data import load_dataset
+    bundle = load_dataset("digits", val_fraction=0.0, flatten=True)
+    return (bundle.train.x, bundle.train.y), (bundle.test.x, bundle.test.y)
 
 
 def digits_mlp(hidden: int = 256) -> nn.Module:
-    return nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
-                         nn.Linear(hidden, 10))
+    """The runner's ``mlp``: 64-hidden-hidden-10, tanh."""
+    from .benchmark.models import build_model
+    return build_model("mlp", num_classes=10, input_shape=(64,), hidden=[hidden, hidden], activation="tanh")
 
 
 def train_one(mode: str, train, test, *, epochs: int, seed: int, batch: int = 64, lr: float = 1e-3,
@@ -76,7 +70,7 @@ def main(argv=None) -> int:
     for m in modes:
         bio_ext.get_mode(m)  # fail fast, with the list of valid modes
     from tqdm import tqdm
-    train, test = load_digits_split(args.seed)
+    train, test = load_digits_split()
     results = {}
     with tqdm(total=args.epochs * len(modes), desc="digits", unit="epoch", file=sys.stderr) as bar:
         for mode in modes:
