@@ -15,10 +15,8 @@ measured on a held-out batch.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
-import struct
 import sys
 import time
 from pathlib import Path
@@ -30,26 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bio_ext  # noqa: E402
 from bio_ext.benchmark.models import build_model  # noqa: E402
 
-FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-         "t10k-labels-idx1-ubyte.gz"]
-
-
-def read_idx(path: Path) -> torch.Tensor:
-    with gzip.open(path, "rb") as f:
-        magic = struct.unpack(">I", f.read(4))[0]
-        ndim = magic & 0xFF
-        shape = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
-        return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8).reshape(shape)
-
-
 def load_mnist(root: Path):
-    missing = [f for f in FILES if not (root / f).exists()]
-    if missing:
-        raise SystemExit(f"MNIST not found in {root}: missing {', '.join(missing)}. Expected the four "
-                         f"standard idx files ({', '.join(FILES)}); pass --data DIR.")
-    xtr, ytr, xte, yte = (read_idx(root / f) for f in FILES)
-    norm = lambda x: ((x.float() / 255.0) - 0.1307) / 0.3081  # noqa: E731
-    return (norm(xtr).reshape(-1, 784), ytr.long()), (norm(xte).reshape(-1, 784), yte.long())
+    """MNIST as flat (x, y) tensors through the runner's loader (the standard idx files in ``root``)."""
+    from bio_ext.benchmark.data import load_dataset
+    from bio_ext.errors import DataNotFoundError
+    try:
+        b = load_dataset("mnist", str(root), val_fraction=0.0, flatten=True)
+    except DataNotFoundError as e:
+        raise SystemExit(f"{e} (pass --data DIR)") from None
+    return (b.train.x, b.train.y), (b.test.x, b.test.y)
 
 
 def mlp():
