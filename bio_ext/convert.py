@@ -325,7 +325,7 @@ def tap_output(output: Any, session: FeedbackSession, output_dim: int, key=None)
             session.out_tangent = tangent.detach().reshape(-1, output_dim).clone()
             session.examples = tensor.shape[0] if tensor.dim() >= 2 else 1
             tensor = primal
-    return put(ErrorTap.apply(tensor, session))
+    return put(ErrorTap.apply(tensor, session, *session.point_outputs))
 
 
 # --------------------------------------------------------------------------- planning

@@ -15,9 +15,14 @@ ordinary backprop *inside* a unit and inject ``B_k e`` at its output instead:
     previous one along the residual stream either. Backprop still runs through the
     attention mechanism itself, as in Launay et al. (their Appendix D).
 
-At a point, the backward *replaces* the incoming gradient of the module's output
-by the projection ``e @ B_k`` (broadcast over tokens when ``e`` has one row per
-example); in GrAPE mode the forward adds the perturbation to the tangent at that
+At a point, the module's output gets the projection ``e @ B_k`` as its gradient
+(broadcast over tokens when ``e`` has one row per example) instead of the gradient
+from above: the model continues from a detached copy of the output, and the output
+itself is an extra input of the error tap, whose backward hands it ``e @ B_k``
+(:class:`bio_ext.session.ErrorTap`). So every block's backward starts from the tap
+on its own (no backward locking between blocks), and no gradient is computed into a
+block's input only to be discarded. The loss must be computed from the model's
+output, through the tapped layer, as for every direct mode. In GrAPE mode the forward adds the perturbation to the tangent at that
 same tensor, so the forward-gradient estimate is of the gradient the feedback
 stands for. The feedback tensors are buffers of the module named
 ``bio_ext_feedback`` (and, for GrAPE, ``bio_ext_feedback_velocity`` etc.), so
@@ -31,9 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from torch.autograd import Function
 
-from .autograd import fit_rows
 from .errors import ConfigError, FeedbackSignalError
 from .modes import FeedbackSpec, ModeSpec
 from .session import current_session
@@ -41,26 +44,6 @@ from .session import current_session
 POINT_ATTR = "bio_ext_point"
 _ATTENTION = re.compile(r"attention|attn", re.I)
 _MLP = re.compile(r"mlp|feedforward|feed_forward|ffn", re.I)
-
-
-class PointFn(Function):
-    """Identity whose backward hands the session's projection of the output error, not the incoming gradient."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, session, slot: int) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.session, ctx.slot, ctx.shape = inputs[1], inputs[2], inputs[0].shape
-
-    @staticmethod
-    def jvp(ctx, x_t, _session, _slot):
-        return x_t.view_as(x_t)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        return fit_rows(ctx.session.take(ctx.slot), ctx.shape, "feedback point").to(g.dtype), None, None
 
 
 class FeedbackPoint:
@@ -114,7 +97,12 @@ class FeedbackPoint:
         slot = session.register(self.feedback, self, None)
         if session.rule is not None:
             out = session.perturb(slot, out)
-        return PointFn.apply(out, session, slot)
+        import torch.autograd.forward_ad as fwAD
+        primal, tangent = fwAD.unpack_dual(out)
+        session.point_outputs.append(primal)  # fed e @ B_k by the error tap's backward
+        session.point_slots.append(slot)
+        cut = primal.detach()  # the model goes on from here: nothing flows back into the point
+        return cut if tangent is None else fwAD.make_dual(cut, tangent)
 
     def __repr__(self) -> str:
         return f"FeedbackPoint(width={self.width}, mode={self.mode})"

@@ -63,7 +63,7 @@ class FeedbackSession:
 
     __slots__ = ("bank", "output_dim", "feedbacks", "widths", "proj", "error", "layers", "infos",
                  "rule", "signal", "perturbations", "out_tangent", "examples", "generator", "replay", "replays",
-                 "main", "cursor", "__weakref__")
+                 "main", "cursor", "point_outputs", "point_slots", "__weakref__")
 
     def __init__(self, bank: FeedbackBank, output_dim: int, rule=None) -> None:
         self.bank = bank
@@ -92,6 +92,9 @@ class FeedbackSession:
         #: in a tangent-only replay: the session of the real forward, and how many of its slots were seen
         self.main: Optional["FeedbackSession"] = None
         self.cursor = 0
+        #: outputs of feedback points (attached to the graph) and their slots, handed to the error tap
+        self.point_outputs: List[torch.Tensor] = []
+        self.point_slots: List[int] = []
 
     @classmethod
     def replay_of(cls, main: "FeedbackSession") -> "FeedbackSession":
@@ -160,21 +163,30 @@ class FeedbackSession:
 
 
 class ErrorTap(Function):
-    """Identity on the model's output whose backward hands ``e`` to the session."""
+    """Identity on the model's output whose backward hands ``e`` to the session.
+
+    The outputs of feedback points (macro/micro granularity) are extra inputs: the model itself
+    continues from detached copies of them, so their only gradient is the projection ``e @ B_k``
+    this backward returns. Each block's backward then starts from the tap on its own, and no
+    gradient is computed into a block's input only to be thrown away at the point below it.
+    """
 
     @staticmethod
-    def forward(out: torch.Tensor, session: FeedbackSession) -> torch.Tensor:
+    def forward(out: torch.Tensor, session: FeedbackSession, *points: torch.Tensor) -> torch.Tensor:
         return out.view_as(out)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         ctx.session = inputs[1]
+        ctx.points = [(p.shape, slot) for p, slot in zip(inputs[2:], inputs[1].point_slots)]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         session: FeedbackSession = ctx.session
         session.receive_error(grad.reshape(-1, grad.shape[-1]))
-        return grad, None
+        from .autograd import fit_rows
+        fed = [fit_rows(session.take(slot), shape, "feedback point").to(grad.dtype) for shape, slot in ctx.points]
+        return (grad, None, *fed)
 
 
 # --------------------------------------------------------------------------- hooks installed by convert()
