@@ -66,7 +66,7 @@ class LinearLocalFn(Function):
         return gx, gw, gb, None
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias, transposed: bool) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias, transposed: bool) -> torch.Tensor:
     """``x @ W^T + b``, or for a weight stored ``(in, out)`` (transformers Conv1D) ``x @ W + b``."""
     if not transposed:
         return F.linear(x, weight, bias)
@@ -80,7 +80,7 @@ class LinearDirectFn(Function):
 
     @staticmethod
     def forward(x, weight, bias, session, slot, transposed=False):
-        return _linear(x, weight, bias, transposed)
+        return linear(x, weight, bias, transposed)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -94,7 +94,7 @@ class LinearDirectFn(Function):
     @staticmethod
     def jvp(ctx, x_t, w_t, b_t, _session, _slot, _transposed=None):
         # forward-mode tangents flow through the layer (weights carry none: activity perturbation)
-        return _linear(x_t, ctx.w_fwd.detach(), None, ctx.transposed)
+        return linear(x_t, ctx.w_fwd.detach(), None, ctx.transposed)
 
     @staticmethod
     def backward(ctx, g):
@@ -103,12 +103,7 @@ class LinearDirectFn(Function):
         gx = None
         if need[0]:
             gx = fit_rows(ctx.session.take(ctx.slot), ctx.x_shape, "Linear")
-        if ctx.transposed:  # transformers Conv1D, weight stored (in, out): its gradient in that layout
-            g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-            gw = x2.t().mm(g2) if need[1] else None
-            gb = g2.sum(0) if ctx.has_bias and need[2] else None
-        else:
-            gw, gb = linear_param_grads(g, x, need[1], ctx.has_bias and need[2])
+        gw, gb = linear_param_grads(g, x, need[1], ctx.has_bias and need[2], ctx.transposed)
         return gx, gw, gb, None, None, None
 
 

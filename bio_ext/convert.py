@@ -244,10 +244,9 @@ def _root_hook(module: nn.Module, args, output):
     state = _state(module)
     if state is None or not state.stack:
         return None
-    session, level = state.stack[-1]
+    session, level = state.stack.pop()
     if session is not None and session.replay is not None and output is not None and session.out_tangent is not None:
-        _replay_directions(module, session)
-    _, level = state.stack.pop()
+        _replay_directions(module, session)  # still inside this forward's session and dual level
     _set_session(state.stack.pop())
     if level is not None:
         import torch.autograd.forward_ad as fwAD

@@ -10,11 +10,13 @@ import torch.nn.functional as F
 _aten_conv_bwd = torch.ops.aten.convolution_backward
 
 
-def linear_param_grads(grad_out: torch.Tensor, x: torch.Tensor, need_w: bool, need_b: bool
-                       ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Weight and bias gradients of ``y = x @ W.T + b`` for any number of leading dims."""
-    g2 = grad_out.reshape(-1, grad_out.shape[-1])
-    gw = g2.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
+def linear_param_grads(grad_out: torch.Tensor, x: torch.Tensor, need_w: bool, need_b: bool,
+                       transposed: bool = False) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Weight and bias gradients of ``y = x @ W.T + b`` for any number of leading dims; with
+    ``transposed`` (weight stored ``(in, out)``, transformers Conv1D: ``y = x @ W + b``) the weight
+    gradient comes in that stored layout."""
+    g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+    gw = (x2.t().mm(g2) if transposed else g2.t().mm(x2)) if need_w else None
     gb = g2.sum(0) if need_b else None
     return gw, gb
 

@@ -9,9 +9,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .autograd import Conv2dDirectFn, Conv2dLocalFn, LinearDirectFn, LinearLocalFn
+from .autograd import Conv2dDirectFn, Conv2dLocalFn, LinearDirectFn, LinearLocalFn, linear
 from .errors import FeedbackSignalError
 from .functional import conv_padding, coverage_matrix, pad_input, spread_projection
 from .modes import FeedbackSpec, ModeSpec
@@ -147,15 +146,11 @@ class FeedbackLinear(FeedbackLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         family = self._mode.family
-        w = self.weight.t() if self.transposed else self.weight
         if family == "bp" or not (torch.is_grad_enabled() or _replaying()):
-            if self.transposed:  # exactly transformers' Conv1D forward
-                out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight) if self.bias is not None \
-                    else x.reshape(-1, x.size(-1)).mm(self.weight)
-                return out.view(x.shape[:-1] + (self.out_features,))
-            return F.linear(x, w, self.bias)
+            return linear(x, self.weight, self.bias, self.transposed)  # Conv1D: exactly transformers' forward
         if family == "local":
             fb = self._local_feedback()
+            w = self.weight.t() if self.transposed else self.weight
             return LinearLocalFn.apply(x, w, self.bias, fb.t() if self.transposed else fb)
         session, slot, x = self._direct_slot(x)
         if session is None and x.requires_grad:
