@@ -22,7 +22,8 @@ itself is an extra input of the error tap, whose backward hands it ``e @ B_k``
 (:class:`bio_ext.session.ErrorTap`). So every block's backward starts from the tap
 on its own (no backward locking between blocks), and no gradient is computed into a
 block's input only to be discarded. The loss must be computed from the model's
-output, through the tapped layer, as for every direct mode. In GrAPE mode the forward adds the perturbation to the tangent at that
+output, through the tapped layer, as for every direct mode. In GrAPE mode the
+forward adds the perturbation to the tangent at that
 same tensor, so the forward-gradient estimate is of the gradient the feedback
 stands for. The feedback tensors are buffers of the module named
 ``bio_ext_feedback`` (and, for GrAPE, ``bio_ext_feedback_velocity`` etc.), so
