@@ -27,7 +27,7 @@ setup(
         "test": ["pytest>=7", "transformers>=4.40", "accelerate"],
         "hf": ["transformers>=4.40"],
     },
-    entry_points={"console_scripts": ["bio-ext-quickstart=bio_ext.quickstart:main",
+    entry_points={"console_scripts": ["bio-ext-quickstart=bio_ext.quickstart:cli",
                                     "bio-ext-benchmark=bio_ext.benchmark.__main__:main"]},
     classifiers=[
         "License :: OSI Approved :: MIT License",

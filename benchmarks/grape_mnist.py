@@ -5,7 +5,7 @@
 
 Setting (seed paper, section 4.1): MLP 784-1024-1024-10 (tanh) or a shallow CNN, Adam lr 1e-4 with
 decay 0.95 per epoch, batch 256, cross-entropy, no augmentation. The feedback
-learning rate is bio_ext's scale-free ``feedback_lr`` (see bio_ext.grape), not the
+learning rate is bio_ext's scale-free ``feedback_lr`` (see bio_ext.modes.grape), not the
 paper's unscaled 1e-3. Results are appended to ``--out`` (JSON lines) after each
 run, so a crash loses no finished run. At the end of each run the mean angle
 (degrees) between each hidden layer's injected signal and the true gradient is
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from .errors import ConfigError, UnknownModeError
-from .modes import INIT_SCHEMES, _MODES
+from .registry import INIT_SCHEMES, get_mode, mode_names
 
 CONV_ERROR = ("norm", "mean", "sum")
 GRANULARITY = ("layer", "macro", "micro")
@@ -83,7 +83,7 @@ class ConvertConfig(RoundTrip):
         points: explicit module names for the macro/micro feedback points (overrides the
             automatic discovery of blocks and sub-layers).
         seed: seeds the feedback initialisation (None: torch's global RNG). The feedback's stream is
-            derived from ``seed`` (:func:`bio_ext.modes.feedback_generator`), so it differs from that
+            derived from ``seed`` (:func:`bio_ext.modes.base.feedback_generator`), so it differs from that
             of ``torch.manual_seed(seed)`` even when both use the same number.
         output_key: where the output tensor is in a tuple (int) or dict/ModelOutput
             (str) output; default ``logits`` for mappings, first tensor for tuples.
@@ -117,10 +117,10 @@ class ConvertConfig(RoundTrip):
             object.__setattr__(self, name, tuple(value) if value is not None else ())
         object.__setattr__(self, "options", dict(self.options or {}))
         problems = []
-        if not isinstance(self.mode, str) or self.mode not in _MODES:
+        if not isinstance(self.mode, str) or self.mode not in mode_names():
             if len(self.validate_rest()) == 0:
-                raise UnknownModeError(self.mode, _MODES)
-            problems.append(f"mode: unknown mode {self.mode!r}; valid modes are: {', '.join(sorted(_MODES))}")
+                raise UnknownModeError(self.mode, mode_names())
+            problems.append(f"mode: unknown mode {self.mode!r}; valid modes are: {', '.join(mode_names())}")
         problems.extend(self.validate_rest())
         if problems:
             raise ConfigError(problems, what="bio_ext configuration")
@@ -140,8 +140,8 @@ class ConvertConfig(RoundTrip):
             problems.append(f"error_at: {self.error_at!r} is not one of {', '.join(ERROR_AT)}")
         if self.granularity not in GRANULARITY:
             problems.append(f"granularity: {self.granularity!r} is not one of {', '.join(GRANULARITY)}")
-        elif self.granularity != "layer" and isinstance(self.mode, str) and self.mode in _MODES \
-                and _MODES[self.mode].family != "direct":
+        elif self.granularity != "layer" and isinstance(self.mode, str) and self.mode in mode_names() \
+                and get_mode(self.mode).family != "direct":
             problems.append(f"granularity: {self.granularity!r} needs a direct-feedback mode (dfa, "
                             f"grape, ...); mode {self.mode!r} transports its feedback layer by layer: use "
                             "granularity='layer'")

@@ -7,7 +7,14 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .errors import FeedbackSignalError
+
 _aten_conv_bwd = torch.ops.aten.convolution_backward
+
+
+def project_flat(e: torch.Tensor, feedback: torch.Tensor, info=None) -> torch.Tensor:
+    """The error ``e`` (``N x D``) projected with a feedback of ``D`` rows: ``e @ B.reshape(D, -1)``."""
+    return e.mm(feedback.reshape(feedback.shape[0], -1))
 
 
 def linear_param_grads(grad_out: torch.Tensor, x: torch.Tensor, need_w: bool, need_b: bool,
@@ -101,10 +108,6 @@ def conv_padding(module) -> Tuple[Optional[Tuple[int, int, int, int]], str, Tupl
     return explicit, mode, sym
 
 
-def flatten_rows(t: torch.Tensor) -> int:
-    return t.numel() // t.shape[-1] if t.dim() else 1
-
-
 def pad_input(x: torch.Tensor, pad: Optional[Sequence[int]], mode: str) -> torch.Tensor:
     if pad is None:
         return x
@@ -119,7 +122,6 @@ def targets_from_error(error: torch.Tensor, who: str, fix: str) -> torch.Tensor:
     (``ignore_index``, padding) get ``-100``. A row with no negative entry means the loss is not
     cross-entropy: :class:`~bio_ext.errors.FeedbackSignalError` naming ``who`` and ``fix``.
     """
-    from .errors import FeedbackSignalError
     e = error.detach()
     valid = e.ne(0).any(dim=1)
     mins, idx = e.min(dim=1)
@@ -129,3 +131,26 @@ def targets_from_error(error: torch.Tensor, who: str, fix: str) -> torch.Tensor:
             f"{who} recovers the targets from the output error, which is exact for softmax cross-entropy; "
             f"{int(bad.sum())} row(s) of the error have no negative entry, so the loss is not cross-entropy. {fix}")
     return torch.where(valid, idx, torch.full_like(idx, -100))
+
+
+def fit_rows(p: torch.Tensor, shape: torch.Size, what: str) -> torch.Tensor:
+    """Reshape a ``(N, K)`` projection onto a layer input of ``shape`` (last dim K).
+
+    Exact when the input has N rows; when the input has more positions per example
+    than the output (e.g. tokens before a pooled classifier), the projection is
+    spread evenly over them (the adjoint of mean pooling).
+    """
+    n = p.shape[0]
+    rows = 1
+    for s in shape[:-1]:
+        rows *= s
+    if rows == n:
+        return p.reshape(shape)
+    if len(shape) >= 3 and shape[0] == n and rows % n == 0:
+        r = rows // n
+        view = p.reshape((n,) + (1,) * (len(shape) - 2) + (shape[-1],))
+        return (view / r).expand(shape)
+    raise FeedbackSignalError(
+        f"{what}: the output error has {n} rows but this layer's input {tuple(shape)} has {rows}; "
+        "direct feedback needs one error row per input row (or per example, with the batch as the "
+        "first dimension). Exclude this layer from conversion or use a local mode such as 'fa'.")

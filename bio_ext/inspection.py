@@ -14,8 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .convert import _handler_for, find_output, revert
-from .layers import FeedbackLayer
+from ._utils import rng
+from ._utils.outputs import find_output
+from .convert import revert
+from .layers.base import FeedbackLayer
+from .registry import handler_for
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -47,7 +50,7 @@ def input_gradients(model: nn.Module, x, y, loss_fn: Optional[LossFn] = None) ->
         return hook
 
     handles = [m.register_forward_pre_hook(pre_hook(n)) for n, m in model.named_modules()
-               if isinstance(m, FeedbackLayer) or _handler_for(m) is not None]
+               if isinstance(m, FeedbackLayer) or handler_for(m) is not None]
     try:
         out, _ = find_output(model(x))
         loss_fn(out, y).backward()
@@ -102,20 +105,8 @@ def _deg(c: Optional[float]) -> Optional[float]:
     return None if c is None else math.degrees(math.acos(c))
 
 
-def _rng_state():
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-
-
 def _layers(model: nn.Module) -> Dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, FeedbackLayer) or _handler_for(m) is not None}
+    return {n: m for n, m in model.named_modules() if isinstance(m, FeedbackLayer) or handler_for(m) is not None}
 
 
 def alignment(model: nn.Module, x, y, loss_fn: Optional[LossFn] = None) -> Dict[str, LayerAlignment]:
@@ -131,15 +122,14 @@ def alignment(model: nn.Module, x, y, loss_fn: Optional[LossFn] = None) -> Dict[
     the model, its feedback buffers and its ``.grad`` are untouched. Dropout draws differ between
     the two passes: call it in ``eval()`` mode for models with dropout.
     """
-    state = _rng_state()
+    state = rng.capture(all_cuda=True)
     try:
         probe = copy.deepcopy(model)
         for p in probe.parameters():
             p.grad = None
         for layer in probe.modules():
-            if isinstance(layer, FeedbackLayer) and layer._mode.rule.forward_gradient:
-                layer.__dict__["_mode_options"] = {**layer.__dict__.get("_mode_options", {}),
-                                                   "feedback_lr": 0.0, "keep_estimate": True}
+            if isinstance(layer, FeedbackLayer):
+                layer.mode_options = layer.mode_spec.rule.probe_options(layer.mode_options)
                 layer.__dict__.pop("forward_gradient", None)
         injected = input_gradients(probe, x, y, loss_fn)
         layers = _layers(probe)
@@ -149,7 +139,7 @@ def alignment(model: nn.Module, x, y, loss_fn: Optional[LossFn] = None) -> Dict[
         for n, m in layers.items():
             if not isinstance(m, FeedbackLayer):
                 continue
-            fb = m.feedback if m._mode.family != "direct" else None
+            fb = m.feedback if m.mode_spec.family != "direct" else None
             if fb is not None and fb.shape == m.weight.shape:
                 extra[n] = {"feedback": _deg(_cos(fb, m.weight)),
                             "norm_ratio": float(fb.detach().norm() / m.weight.detach().norm())}
@@ -162,7 +152,7 @@ def alignment(model: nn.Module, x, y, loss_fn: Optional[LossFn] = None) -> Dict[
         true_in = input_gradients(plain, x, y, loss_fn)
         plain_layers = _layers(plain)
     finally:
-        _set_rng_state(state)
+        rng.restore(state)
     out: Dict[str, LayerAlignment] = {}
     for n, m in layers.items():
         tw = plain_layers[n].weight.grad if n in plain_layers else None

@@ -27,30 +27,37 @@ forward adds the perturbation to the tangent at that
 same tensor, so the forward-gradient estimate is of the gradient the feedback
 stands for. The feedback tensors are buffers of the module named
 ``bio_ext_feedback`` (and, for GrAPE, ``bio_ext_feedback_velocity`` etc.), so
-``state_dict`` carries them; ``revert`` removes them.
+``state_dict`` carries them; ``revert`` removes them. The point itself is bound to the host's
+forward hook (no attribute is written into the host module).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 
+from ._utils.hooks import remove_hooks
+from ._utils.outputs import find_output
 from .errors import ConfigError, FeedbackSignalError
-from .modes import FeedbackSpec, ModeSpec
+from .functional import project_flat
+from .modes.base import FeedbackSpec
+from .registry import ModeSpec, handler_for, output_size
 from .session import current_session
 
-POINT_ATTR = "bio_ext_point"
-_ATTENTION = re.compile(r"attention|attn", re.I)
+#: class names of attention modules (a block's attention sub-layer; convert refuses unknown ones)
+ATTENTION_NAME = re.compile(r"attention|attn", re.I)
 _MLP = re.compile(r"mlp|feedforward|feed_forward|ffn", re.I)
 
 
 class FeedbackPoint:
     """The feedback of one point. Its tensors are buffers of the host module named ``bio_ext_<name>``
     (``bio_ext_feedback`` is ``(output_dim, width)``), so ``state_dict``, ``.to()`` and deep copies
-    carry them; the point itself is kept in the host's ``__dict__``, not as a child module, so
+    carry them; the point itself is bound to the host's forward hook, not a child module, so
     containers such as ``nn.Sequential`` that call their children are not changed."""
 
     PREFIX = "bio_ext_"
@@ -58,7 +65,7 @@ class FeedbackPoint:
     def __init__(self, host: nn.Module, mode: ModeSpec, width: int, output_dim: int, init: str, scale: float,
                  generator: Optional[torch.Generator], options: Dict[str, Any], like: torch.Tensor) -> None:
         d = self.__dict__
-        d["host"], d["_mode"], d["_mode_options"], d["width"] = host, mode, dict(options), width
+        d["host"], d["mode_spec"], d["mode_options"], d["width"] = host, mode, dict(options), width
         spec = FeedbackSpec((output_dim, width), width, output_dim, init, scale)
         for name, t in mode.rule.create(like.detach(), spec, generator).items():
             host.register_buffer(self.PREFIX + name, t)
@@ -79,26 +86,23 @@ class FeedbackPoint:
 
     @property
     def mode(self) -> str:
-        return self._mode.name
+        return self.mode_spec.name
 
-    def project_error(self, e: torch.Tensor, feedback: torch.Tensor, info=None) -> torch.Tensor:
-        return e.mm(feedback.reshape(feedback.shape[0], -1))
+    #: ``e @ B_k``: a point's feedback acts on the output's last dimension
+    project_error = staticmethod(project_flat)
 
     def inject(self, out: torch.Tensor) -> torch.Tensor:
         session = current_session()
-        if session is not None and session.tangent_only:
-            return session.replay_perturb(self, out)
-        if session is None or not out.requires_grad:
+        if session is None or not (out.requires_grad or session.tangent_only):
             return out
         if out.shape[-1] != self.width:
             raise FeedbackSignalError(
                 f"a feedback point was built for outputs of width {self.width} but its module returned "
                 f"{tuple(out.shape)}; pass points=[...] naming modules whose output's last dimension is the "
                 "hidden size")
-        slot = session.register(self.feedback, self, None)
-        if session.rule is not None:
-            out = session.perturb(slot, out)
-        import torch.autograd.forward_ad as fwAD
+        slot, out = session.enter(self, out)
+        if slot < 0:
+            return out
         primal, tangent = fwAD.unpack_dual(out)
         session.point_outputs.append(primal)  # fed e @ B_k by the error tap's backward
         session.point_slots.append(slot)
@@ -109,43 +113,45 @@ class FeedbackPoint:
         return f"FeedbackPoint(width={self.width}, mode={self.mode})"
 
 
-def point_hook(module: nn.Module, args, output):
-    point = module.__dict__.get(POINT_ATTR)
-    if point is None or current_session() is None:
+def point_hook(point: FeedbackPoint, module: nn.Module, args, output):
+    """Forward hook of a point's host (bound to the point): injects at the host's output."""
+    if current_session() is None:
         return None
-    from .convert import find_output
     tensor, put = find_output(output)
     return put(point.inject(tensor))
+
+
+def point_of(module: nn.Module) -> Optional[FeedbackPoint]:
+    """The feedback point whose hook is on ``module``, if any."""
+    for hook in module._forward_hooks.values():
+        if isinstance(hook, functools.partial) and hook.func is point_hook:
+            return hook.args[0]
+    return None
 
 
 # --------------------------------------------------------------------------- discovery
 
 
-def _is_layer(module: nn.Module) -> bool:
-    from .convert import _handler_for
-    return _handler_for(module) is not None
-
-
 def _last_layer_width(module: nn.Module) -> Optional[int]:
     """Out size of the last Linear/Conv1D registered in ``module`` (a transformer unit's output width)."""
-    from .convert import _output_size
     width = None
     for m in module.modules():
-        size = _output_size(m)
+        size = output_size(m)
         if size is not None:
             width = size
     return width
 
 
-def find_blocks(model: nn.Module) -> List[str]:
+def find_blocks(model: nn.Module, min_blocks: int = 2) -> List[str]:
     """The repeated blocks of the model's main stack: the children of the ModuleList/Sequential
-    with at least two children of one class holding layers, the one with most parameters."""
+    with at least ``min_blocks`` children of one class holding layers, the one with most parameters
+    (``transformer.h.0``, ``transformer.h.1``, ...). Block-wise training finds its spine with it too."""
     best: Tuple[int, List[str]] = (0, [])
     for name, mod in model.named_modules():
-        if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < 2:
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < max(min_blocks, 1):
             continue
         kids = list(mod.named_children())
-        if len({type(m) for _, m in kids}) != 1 or _is_layer(kids[0][1]):
+        if len({type(m) for _, m in kids}) != 1 or handler_for(kids[0][1]) is not None:
             continue
         if _last_layer_width(kids[0][1]) is None:
             continue
@@ -158,7 +164,7 @@ def find_blocks(model: nn.Module) -> List[str]:
 def sublayers(block: nn.Module, prefix: str) -> List[str]:
     """The attention and MLP sub-layers of a transformer block (direct children)."""
     kids = [(n, m) for n, m in block.named_children() if _last_layer_width(m) is not None]
-    attn = next((n for n, m in kids if _ATTENTION.search(type(m).__name__)
+    attn = next((n for n, m in kids if ATTENTION_NAME.search(type(m).__name__)
                  or isinstance(m, nn.MultiheadAttention)), None)
     mlp = next((n for n, m in kids if n != attn and _MLP.search(type(m).__name__)), None)
     if mlp is None:  # e.g. BERT's intermediate/output, nn.TransformerEncoderLayer's linear2
@@ -211,15 +217,14 @@ def install(model: nn.Module, plan: Sequence[Tuple[str, int]], mode: ModeSpec, o
     like = next(model.parameters())
     for name, width in plan:
         mod = model.get_submodule(name)
-        mod.__dict__[POINT_ATTR] = FeedbackPoint(mod, mode, width, output_dim, init, scale, generator, options, like)
-        mod.register_forward_hook(point_hook)
+        point = FeedbackPoint(mod, mode, width, output_dim, init, scale, generator, options, like)
+        mod.register_forward_hook(functools.partial(point_hook, point))
     return [n for n, _ in plan]
 
 
 def uninstall(model: nn.Module) -> None:
-    from .session import remove_hooks
     for mod in model.modules():
-        if mod.__dict__.pop(POINT_ATTR, None) is not None:
+        if point_of(mod) is not None:
             for k in [k for k in mod._buffers if k.startswith(FeedbackPoint.PREFIX)]:
                 del mod._buffers[k]
             remove_hooks(mod, (point_hook,))
@@ -227,4 +232,4 @@ def uninstall(model: nn.Module) -> None:
 
 def feedback_points(model: nn.Module) -> List[Tuple[str, FeedbackPoint]]:
     """The feedback points of a model converted with granularity macro/micro, by host module name."""
-    return [(n, m.__dict__[POINT_ATTR]) for n, m in model.named_modules() if POINT_ATTR in m.__dict__]
+    return [(n, point_of(m)) for n, m in model.named_modules() if point_of(m) is not None]

@@ -16,9 +16,14 @@ import time
 import torch
 import torch.nn as nn
 
-import bio_ext
+from .convert import convert
+from .errors import BioExtError
+from .registry import check_mode
 
 log = logging.getLogger("bio_ext.quickstart")
+
+#: options a mode needs on the digits MLP (two hidden layers: block-wise training cuts it in two blocks)
+MODE_OPTIONS = {"bwbpf": {"blocks": 2}}
 
 
 def load_digits_split():
@@ -37,7 +42,7 @@ def digits_mlp(hidden: int = 256) -> nn.Module:
 def train_one(mode: str, train, test, *, epochs: int, seed: int, batch: int = 64, lr: float = 1e-3,
               progress=None) -> float:
     torch.manual_seed(seed)
-    model = bio_ext.convert(digits_mlp(), mode, seed=seed)
+    model = convert(digits_mlp(), mode, seed=seed, **MODE_OPTIONS.get(mode, {}))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     x, y = train
@@ -61,14 +66,15 @@ def train_one(mode: str, train, test, *, epochs: int, seed: int, batch: int = 64
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modes", default="bp,fa,dfa,drtp,grape,usf,brsf,frsf")
+    p.add_argument("--modes", default="bp,fa,dfa,drtp,grape,usf,brsf,frsf",
+                   help="comma-separated modes (any of bio_ext.available_modes(), bwbpf included)")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
-        bio_ext.get_mode(m)  # fail fast, with the list of valid modes
+        check_mode(m)  # fail fast, with the list of valid modes
     from tqdm import tqdm
     train, test = load_digits_split()
     results = {}
@@ -85,5 +91,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli(argv=None) -> int:
+    """The command line: :func:`main`, with a bio_ext error reported as one line (exit status 2)."""
+    try:
+        return main(argv)
+    except BioExtError as e:
+        print(f"bio_ext.quickstart: {str(e).splitlines()[-1].strip(' -')}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -1,37 +1,48 @@
 """How the output error reaches direct-feedback layers without changing the training loop.
 
 The converted root module gets a forward pre-hook that opens a
-:class:`FeedbackSession` and a forward hook that passes the model's output
-through :class:`ErrorTap`, an identity whose backward sees ``e = dL/d(output)``
-before any converted layer's backward runs (every converted layer is upstream
-of the output). On receiving ``e`` the session computes the projections of all
-registered layers at once: one matrix product ``e @ [B_1 | B_2 | ...]`` against
-the cached concatenation of their feedback matrices, which each layer's backward
-then slices. Layers whose input needs no gradient (the first layer) never
-register, so they pay nothing.
+:class:`FeedbackSession` (made current with :func:`activate`) and a forward hook
+that passes the model's output through :class:`ErrorTap`, an identity whose
+backward sees ``e = dL/d(output)`` before any converted layer's backward runs
+(every converted layer is upstream of the output). On receiving ``e`` the session
+computes the projections of all registered layers at once: one matrix product
+``e @ [B_1 | B_2 | ...]`` against the cached concatenation of their feedback
+matrices, which each layer's backward then slices. Layers whose input needs no
+gradient (the first layer) never register, so they pay nothing.
+
+The session is generic: what a mode does besides projecting (GrAPE's tangents,
+DRTP's target signal) it does through its rule's hooks (:class:`bio_ext.modes.FeedbackRule`),
+with its per-forward state in ``session.rule_state``.
 """
 
 from __future__ import annotations
 
-import threading
+import contextvars
 from typing import Any, List, Optional, Tuple
 
 import torch
 from torch.autograd import Function
 
-from .errors import FeedbackSignalError
+from ._utils.outputs import find_output
+from .errors import FeedbackSignalError, OutputDimError
+from .functional import fit_rows
 
-_tls = threading.local()
+_CURRENT: contextvars.ContextVar = contextvars.ContextVar("bio_ext_session", default=None)
 
 
 def current_session() -> Optional["FeedbackSession"]:
-    return getattr(_tls, "session", None)
+    """The session of the converted model whose forward is running (None outside one)."""
+    return _CURRENT.get()
 
 
-def _set_session(session: Optional["FeedbackSession"]) -> Optional["FeedbackSession"]:
-    prev = getattr(_tls, "session", None)
-    _tls.session = session
-    return prev
+def activate(session: Optional["FeedbackSession"]) -> contextvars.Token:
+    """Make ``session`` current; returns the token that :func:`reset` takes to put the previous one back."""
+    return _CURRENT.set(session)
+
+
+def reset(token: contextvars.Token) -> None:
+    """Make current again the session that was current before the :func:`activate` that gave ``token``."""
+    _CURRENT.reset(token)
 
 
 class FeedbackBank:
@@ -61,11 +72,10 @@ class FeedbackBank:
 class FeedbackSession:
     """One forward pass of a converted model: the layers waiting for the output error."""
 
-    __slots__ = ("bank", "output_dim", "feedbacks", "widths", "proj", "error", "layers", "infos",
-                 "rule", "signal", "perturbations", "out_tangent", "examples", "generator", "replay", "replays",
-                 "main", "cursor", "point_outputs", "point_slots", "__weakref__")
+    __slots__ = ("bank", "output_dim", "feedbacks", "widths", "proj", "error", "layers", "infos", "rule",
+                 "tangent_only", "rule_state", "point_outputs", "point_slots", "__weakref__")
 
-    def __init__(self, bank: FeedbackBank, output_dim: int, rule=None) -> None:
+    def __init__(self, bank: FeedbackBank, output_dim: int, rule=None, *, tangent_only: bool = False) -> None:
         self.bank = bank
         self.output_dim = output_dim
         self.feedbacks: List[torch.Tensor] = []
@@ -74,47 +84,16 @@ class FeedbackSession:
         self.infos: List[Any] = []
         self.proj: Optional[Tuple[torch.Tensor, ...]] = None
         self.error: Optional[torch.Tensor] = None
-        #: the mode's rule when it uses forward gradients (GrAPE), else None
-        self.rule = rule if rule is not None and getattr(rule, "forward_gradient", False) else None
-        #: the rule's error_signal when the mode projects something other than the error (DRTP), else None
-        self.signal = rule.error_signal if rule is not None and getattr(rule, "transforms_error", False) else None
-        self.perturbations: List[Optional[torch.Tensor]] = []
-        self.out_tangent: Optional[torch.Tensor] = None
-        #: number of independent examples in the output (its first dimension); the rows of ``out_tangent``
-        #: (e.g. the tokens of a sequence) are grouped by example for the forward gradient
-        self.examples: Optional[int] = None
-        #: draws the perturbations when set (several tangent directions: the global RNG must replay)
-        self.generator: Optional[torch.Generator] = None
-        #: (args, kwargs, rng state, directions) of the forward, kept to replay it for more directions
-        self.replay: Any = None
-        #: (perturbations, output tangent) of each extra tangent direction
-        self.replays: List[Tuple[List[torch.Tensor], Optional[torch.Tensor]]] = []
-        #: in a tangent-only replay: the session of the real forward, and how many of its slots were seen
-        self.main: Optional["FeedbackSession"] = None
-        self.cursor = 0
+        #: the mode's rule (its hooks run at every stage of the step)
+        self.rule = rule
+        #: a forward that only carries tangents, under no_grad (GrAPE's extra directions): the layers still
+        #: take their feedback path, and nothing is registered
+        self.tangent_only = tangent_only
+        #: whatever the rule keeps for this forward (GrAPE: perturbations and output tangents)
+        self.rule_state: Any = None
         #: outputs of feedback points (attached to the graph) and their slots, handed to the error tap
         self.point_outputs: List[torch.Tensor] = []
         self.point_slots: List[int] = []
-
-    @classmethod
-    def replay_of(cls, main: "FeedbackSession") -> "FeedbackSession":
-        """A tangent-only session that perturbs the layers of ``main``, in ``main``'s slot order."""
-        s = cls(main.bank, main.output_dim)
-        s.main, s.generator = main, main.generator
-        return s
-
-    @property
-    def tangent_only(self) -> bool:
-        return self.main is not None
-
-    def replay_perturb(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
-        """In a tangent-only replay: perturb ``x`` if ``layer`` holds the next slot of the real forward."""
-        main = self.main
-        if self.cursor >= len(main.layers) or main.layers[self.cursor] is not layer:
-            return x
-        self.cursor += 1
-        self.perturbations.append(None)
-        return self.perturb(len(self.perturbations) - 1, x)
 
     def register(self, feedback: torch.Tensor, layer: Any = None, info: Any = None) -> int:
         """Reserve a slot for a layer whose input needs a gradient; returns the slot."""
@@ -126,16 +105,17 @@ class FeedbackSession:
         self.widths.append(feedback.numel() // self.output_dim)
         self.layers.append(layer)
         self.infos.append(info)
-        self.perturbations.append(None)
         return len(self.feedbacks) - 1
 
-    def perturb(self, slot: int, x: torch.Tensor) -> torch.Tensor:
-        """Add a fresh standard-normal perturbation to the forward-mode tangent of ``x``."""
-        import torch.autograd.forward_ad as fwAD
-        primal, tangent = fwAD.unpack_dual(x)
-        u = torch.randn(primal.shape, dtype=primal.dtype, device=primal.device, generator=self.generator)
-        self.perturbations[slot] = u
-        return fwAD.make_dual(primal, u if tangent is None else tangent + u)
+    def enter(self, layer: Any, x: torch.Tensor, info: Any = None) -> Tuple[int, torch.Tensor]:
+        """A converted layer (or feedback point) is about to use ``x``, the tensor its feedback is injected
+        at: returns its slot (-1: none, e.g. the first layer) and ``x`` as the rule wants it (GrAPE adds a
+        tangent perturbation)."""
+        if self.rule is not None:
+            return self.rule.enter(self, layer, x, info)
+        if self.tangent_only or not x.requires_grad:
+            return -1, x
+        return self.register(layer.feedback, layer, info), x
 
     def receive_error(self, e: torch.Tensor) -> None:
         """Called by :class:`ErrorTap` with ``e`` of shape ``(N, output_dim)``."""
@@ -143,10 +123,9 @@ class FeedbackSession:
         if not self.feedbacks:
             self.proj = ()
             return
-        if self.rule is not None and self.out_tangent is not None:
+        if self.rule is not None:
             self.rule.before_projection(self, e)
-        if self.signal is not None:
-            e = self.signal(e)
+            e = self.rule.error_signal(e)
         bcat = self.bank.concat(self.feedbacks, self.output_dim)
         if bcat.dtype != e.dtype:
             bcat = bcat.to(e.dtype)
@@ -184,54 +163,42 @@ class ErrorTap(Function):
     def backward(ctx, grad: torch.Tensor):
         session: FeedbackSession = ctx.session
         session.receive_error(grad.reshape(-1, grad.shape[-1]))
-        from .autograd import fit_rows
         fed = [fit_rows(session.take(slot), shape, "feedback point").to(grad.dtype) for shape, slot in ctx.points]
         return (grad, None, *fed)
 
 
-# --------------------------------------------------------------------------- hooks installed by convert()
+# --------------------------------------------------------------------------- the error tap on the output layer
 
 
-def output_hook(module, args, output):
-    """Forward hook on the output layer: passes its output through :class:`ErrorTap`."""
+def tap_output(output: Any, session: FeedbackSession, output_dim: int, key=None) -> Any:
+    """Pass the output tensor inside ``output`` through :class:`ErrorTap` (after the rule has seen it)."""
+    tensor, put = find_output(output, key)
+    if tensor.dim() == 0 or tensor.shape[-1] != output_dim:
+        raise OutputDimError(
+            f"the model's output has shape {tuple(tensor.shape)} but the feedback was built for "
+            f"output_dim={output_dim} (the last dimension); convert with output_dim={tensor.shape[-1] if tensor.dim() else '?'}")
+    if session.tangent_only:
+        if session.rule is not None:
+            session.rule.on_output(session, tensor)
+        return output
+    if not tensor.requires_grad or not session.feedbacks:
+        return output
+    if session.rule is not None:
+        tensor = session.rule.on_output(session, tensor)
+    return put(ErrorTap.apply(tensor, session, *session.point_outputs))
+
+
+def output_hook(tap: Tuple[int, Any], module, args, output):
+    """Forward hook on the output layer (bound to ``(output_dim, output_key)``): taps its output."""
     session = current_session()
-    tap = module.__dict__.get("_bio_ext_tap")
-    if session is None or tap is None:
+    if session is None:
         return None
-    from .convert import tap_output  # the container logic lives with convert()
     return tap_output(output, session, *tap)
 
 
-def input_tap_hook(module, args):
+def input_tap_hook(tap: Tuple[int, Any], module, args):
     """Forward pre-hook on the output layer for ``error_at='head_input'``: taps its input instead."""
     session = current_session()
-    tap = module.__dict__.get("_bio_ext_tap")
-    if session is None or tap is None or not args:
+    if session is None or not args:
         return None
-    from .convert import tap_output
     return (tap_output(args[0], session, tap[0]), *args[1:])
-
-
-HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-              "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
-
-
-def copy_hooks(src, dst, skip=()) -> None:
-    """Copy forward (pre-)hooks from module ``src`` to ``dst``, leaving out the functions in ``skip``."""
-    drop = {k for name in ("_forward_hooks", "_forward_pre_hooks")
-            for k, fn in getattr(src, name).items() if fn in skip}
-    for name in HOOK_DICTS:
-        src_d = getattr(src, name, None)
-        if src_d is None:
-            continue
-        new = type(src_d)((k, v) for k, v in src_d.items() if k not in drop)
-        dst.__dict__[name] = new
-
-
-def remove_hooks(module, fns) -> None:
-    for name in ("_forward_hooks", "_forward_pre_hooks"):
-        d = getattr(module, name)
-        for k in [k for k, fn in d.items() if fn in fns]:
-            del d[k]
-            for extra in HOOK_DICTS:
-                getattr(module, extra, {}).pop(k, None)

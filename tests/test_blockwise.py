@@ -414,7 +414,7 @@ def test_config_round_trips_and_convert_dispatches():
     w = bio_ext.convert(mlp(), mode="bwbpf", blocks=3)
     assert len(partition_of(w).blocks) == 3
     w2 = bio_ext.convert(mlp(), cfg)
-    assert len(partition_of(w2).blocks) == 2 and not w2.__dict__["_bio_ext_blockwise"].config.isolate
+    assert len(partition_of(w2).blocks) == 2 and not bio_ext.blockwise.state_of(w2).config.isolate
 
 
 def test_wrapping_twice_or_a_converted_model_is_refused():

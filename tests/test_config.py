@@ -42,11 +42,11 @@ def test_convert_accepts_a_config():
 @pytest.fixture
 def scratch_modes():
     """Modes registered by a test are removed after it, so other tests see the built-in set."""
-    from bio_ext.modes import _MODES
-    before = dict(_MODES)
+    from bio_ext import registry
+    before = set(registry.mode_names())
     yield
-    _MODES.clear()
-    _MODES.update(before)
+    for name in set(registry.mode_names()) - before:
+        registry.remove_mode(name)
 
 
 def test_register_mode_adds_a_mode_by_rule(scratch_modes):

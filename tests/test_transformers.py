@@ -284,20 +284,20 @@ def test_grape_forward_gradient_at_block_outputs_sums_to_the_true_gradient_over_
     basis and every other point's u zero, the estimates sum to J_k^T e, the true gradient at point k, exactly:
     so with u ~ N(0, I) (E[u u^T] = I) the estimate is unbiased."""
     from unittest import mock
-    from bio_ext.session import FeedbackSession
+    from bio_ext.modes.grape import GradientAlignedProjectedError as GrAPE
     conv, ids, true = _tiny_gpt2_and_true_block_gradients()
     points = [p for _, p in bio_ext.feedback_points(conv)]
-    perturb = FeedbackSession.perturb
+    perturb = GrAPE.perturb
     pick = {}
 
-    def perturb_with(self, slot, x):
+    def perturb_with(self, session, slot, x):
         u = torch.zeros(x.shape, dtype=x.dtype)
         if slot == pick["slot"]:
             u.view(-1)[pick["i"]] = 1.0
         with mock.patch.object(torch, "randn", lambda *a, **k: u):
-            return perturb(self, slot, x)
+            return perturb(self, session, slot, x)
 
-    monkeypatch.setattr(FeedbackSession, "perturb", perturb_with)
+    monkeypatch.setattr(GrAPE, "perturb", perturb_with)
     for slot, (point, t) in enumerate(zip(points, true)):
         total = torch.zeros(t.numel(), dtype=t.dtype)
         for i in range(t.numel()):

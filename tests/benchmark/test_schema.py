@@ -39,7 +39,7 @@ def test_every_problem_of_the_document_is_reported_at_once_with_its_yaml_path():
         "data.dataset: 'mnst' is not one of cifar10, cifar10_benchmark, digits, fashion_mnist, mnist, synthetic "
         "(did you mean 'mnist'?)",
         "data.val_fraction: must be in [0, 1), got 1.5",
-        "model.mode.type: 'dfx' is not one of backpropagation, " + ", ".join(sorted([*bio_ext.available_modes(), "bwbpf"]))
+        "model.mode.type: 'dfx' is not one of backpropagation, " + ", ".join(sorted({*bio_ext.available_modes(), "bwbpf"}))
         + " (did you mean 'dfa'?)",
         "training.hyperparameters.epochs: must be an integer, got 'ten'",
         "training.optimizer.type: 'adamw' is not one of adam, rmsprop, sgd (did you mean 'adam'?)",

@@ -1,0 +1,122 @@
+"""The part every feedback-aware layer shares: it holds the original parameter tensors, the
+feedback buffers its mode's rule creates, and gives the original module back on revert.
+
+Layers are thin: the maths is in :mod:`bio_ext.functional`, the gradients in each layer type's
+``torch.autograd.Function`` (:mod:`bio_ext.layers.linear`, :mod:`bio_ext.layers.conv2d`), and
+each layer type registers its handler with :func:`bio_ext.registry.register_layer`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from .._utils.hooks import copy_hooks
+from ..errors import FeedbackSignalError
+from ..functional import project_flat
+from ..modes.base import FeedbackSpec
+from ..registry import ModeSpec
+from ..session import FeedbackSession, output_hook
+
+
+def _shell(module: nn.Module) -> nn.Module:
+    """A parameter-free shallow copy of ``module``, kept to rebuild it on revert."""
+    shell = copy.copy(module)
+    shell._parameters = OrderedDict()
+    shell._buffers = OrderedDict(module._buffers)
+    shell._modules = OrderedDict()
+    return shell
+
+
+def feedback_path(session: Optional[FeedbackSession]) -> bool:
+    """Whether a converted layer runs its feedback Function (else the plain op): when autograd records,
+    or in a tangent-only replay (GrAPE's extra directions, which run under no_grad)."""
+    return torch.is_grad_enabled() or (session is not None and session.tangent_only)
+
+
+def no_session_error() -> FeedbackSignalError:
+    return FeedbackSignalError(
+        "a direct-feedback layer was called outside the forward of the model that was converted, so "
+        "it cannot receive the output error. Call the converted model itself, or convert the "
+        "submodule you call.")
+
+
+class FeedbackLayer(nn.Module):
+    """Common part of the converted layers.
+
+    ``feedback`` is the tensor the backward uses in place of the transported
+    weights (in ``bp`` mode it is the weight itself). ``mode`` is the mode's name,
+    ``mode_spec`` the registered mode, ``feedback_spec`` what the rule was told when it
+    created the feedback, ``mode_options`` the mode's options.
+    """
+
+    def __init__(self, original: nn.Module, mode: ModeSpec, weight: nn.Parameter,
+                 bias: Optional[nn.Parameter]) -> None:
+        super().__init__()
+        self.__dict__["_shell"] = _shell(original)  # a module, kept out of the children
+        self.mode_spec = mode
+        self.feedback_spec: Optional[FeedbackSpec] = None
+        self.mode_options: Dict[str, Any] = {}
+        self.weight = weight
+        self.bias = bias
+        self.training = original.training
+        copy_hooks(original, self)  # keep the user's forward hooks (feature extraction etc.)
+
+    @property
+    def mode(self) -> str:
+        return self.mode_spec.name
+
+    def __getattr__(self, name: str):
+        if name == "feedback" and self.__dict__["mode_spec"].family == "bp":
+            return self.weight
+        return super().__getattr__(name)
+
+    def _install_feedback(self, spec: FeedbackSpec, generator: Optional[torch.Generator]) -> None:
+        self.feedback_spec = spec
+        rule = self.mode_spec.rule
+        for name, t in rule.create(self.weight.detach(), spec, generator).items():
+            self.register_buffer(name, t)
+        if rule.dynamic:  # valid before the first forward too
+            with torch.no_grad():
+                self.feedback = rule.effective(self)
+
+    def _local_feedback(self) -> torch.Tensor:
+        rule = self.mode_spec.rule
+        if rule.dynamic:
+            with torch.no_grad():
+                fb = rule.effective(self)
+            self.feedback = fb
+            return fb
+        return rule.effective(self)
+
+    def _direct_slot(self, session: Optional[FeedbackSession], x: torch.Tensor, info=None):
+        """Enter the current session: returns ``(slot, x)``, ``x`` as the mode wants it (GrAPE: with a
+        tangent perturbation). Raises when the input needs a gradient but no session is open."""
+        if session is None:
+            if x.requires_grad:
+                raise no_session_error()
+            return -1, x
+        return session.enter(self, x, info)
+
+    #: the error projected onto this layer's input, ``(N, ...)``, with ``feedback`` as B (GrAPE's cosine
+    #: step differentiates it with respect to B)
+    project_error = staticmethod(project_flat)
+
+    def to_original(self) -> nn.Module:
+        """The original torch module, holding this layer's current parameters."""
+        mod = copy.copy(self._shell)
+        mod._parameters = OrderedDict(weight=self.weight, bias=self.bias)
+        mod._buffers = OrderedDict(mod._buffers)
+        mod._modules = OrderedDict()
+        copy_hooks(self, mod, skip=(output_hook,))
+        mod.training = self.training
+        return mod
+
+    def extra_repr(self) -> str:
+        fb = self.__dict__["_buffers"].get("feedback")
+        shape = tuple(fb.shape) if fb is not None else "weight"
+        return f"{self._layer_repr()}, mode={self.mode}, feedback={shape}"

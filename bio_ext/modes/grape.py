@@ -1,0 +1,338 @@
+"""GrAPE: DFA whose feedback matrices are turned toward forward-gradient estimates.
+
+Seed paper: "Backpropagation-free learning through gradient aligned feedbacks",
+section 3 and Algorithm 1. Every choice the paper leaves open is defined here.
+
+One step, inside the user's ordinary ``model(x)`` / ``loss.backward()``:
+
+1. **Forward (with tangents).** The converted model's forward runs under a
+   forward-mode AD level (``torch.autograd.forward_ad``). Each converted layer
+   whose input needs a gradient adds a fresh standard-normal perturbation ``u_l``
+   to the tangent of its input, the very tensor at which DFA injects its
+   feedback. Tangents flow through everything in between (ReLU, BatchNorm,
+   residual additions, pooling) by PyTorch's own forward-mode rules, and through
+   the converted layers by their ``jvp``. The output layer's output tangent ``t``
+   is kept; the loss itself is computed without tangents.
+2. **Backward.** When the output error ``e = dL/d(output)`` (``N x D``) arrives,
+   the per-example directional derivative is ``d_n = <e_n, t_n>`` (no forward pass
+   through the loss is needed) and layer ``l``'s activity-perturbed forward
+   gradient is ``g_l[n] = d_n u_l[n]``, an unbiased estimate of ``dL/dx_l[n]``
+   (tested). When the output has several rows per example (the tokens of a
+   sequence: the first dimension of the output is taken as the examples), ``d_n``
+   sums ``<e_r, t_r>`` over all rows ``r`` of example ``n``: a perturbation at one
+   token moves the outputs at the other tokens through attention, and a per-token
+   product would drop those terms (a biased estimate; tested on GPT-2 blocks).
+3. **Feedback update (the rule the paper's text describes).** Equation 6 as
+   printed, ``B <- B - eta (1 - cos) B``, only rescales ``B`` and cannot turn it. We
+   step ``B`` along the gradient of ``cos(P_l, g_l)`` instead, where
+   ``P_l = e @ B_l`` is the projected error (for Conv2d, spread over the input
+   grid exactly as DFA's backward does) and the **mini-batch cosine** is the
+   cosine between ``P_l`` and ``g_l`` flattened over the whole batch
+   (``N x K`` numbers each). The step is scale-free::
+
+       v   <- momentum * v + (1 - momentum) * grad_B cos(P_l, g_l)
+       lr  =  feedback_lr / (1 + t / feedback_lr_halflife)     # t: this layer's step count
+       B   <- B + lr * ||B||^2 * v
+       B   <- B * (||B_0|| / ||B||)          # norm kept constant (as the paper does)
+
+   Because ``cos`` does not depend on ``||B||``, ``||B|| grad_B cos`` is
+   dimensionless and ``lr`` is roughly the angle (radians) ``B`` turns per step.
+   ``momentum`` is the moving average of the update over steps, the paper's
+   remedy for the variance of forward gradients. The rate decays because a
+   single-direction forward gradient is very noisy: a fast constant rate aligns
+   the feedback quickly but then keeps it wandering (and the weights cannot
+   align with a moving feedback, which is how DFA itself learns), a slow one is
+   accurate late but takes thousands of steps to get there.
+4. **Weight update.** Then the projections ``e @ B_l`` with the *updated*
+   feedback give DFA's input gradients; weight and bias gradients come from each
+   layer's own ``grad_output``. No gradient is transported through the weights.
+
+Options (``convert(model, "grape", options={...})``):
+
+``feedback_lr`` (default 0.05) and ``feedback_lr_halflife`` (default 500 steps; None: constant)
+    initial turning rate of the feedback and the step count at which it has halved
+    (see 3). The paper's 1e-3 refers to an unscaled SGD step whose size depends on
+    ``||B||`` and the loss scale. The defaults were chosen by measuring alignment with
+    frozen weights and accuracy with training, against constant rates from 0.001 to 0.3
+    (BENCHMARKS.md, "GrAPE feedback alignment"): a fast constant rate aligns the feedback quickly and
+    then keeps it wandering, a slow one takes thousands of steps.
+``momentum`` (default 0.9)
+    moving average of the feedback update; 0 disables it.
+``directions`` (default 1)
+    tangent directions per step, ``K``. ``torch.autograd.forward_ad`` carries one tangent per
+    forward, so ``K > 1`` replays the forward ``K - 1`` more times right after it, under
+    ``no_grad`` and with tangents only (no autograd graph): each replay restarts the global RNG
+    where the forward started (same dropout masks, so the same function is differentiated),
+    draws fresh perturbations from a per-step generator, and updates copies of BatchNorm's
+    running statistics that are thrown away; afterwards the RNG continues as after one forward.
+    The estimate is the mean ``g_l = (1/K) sum_k d^k u_l^k``: still unbiased, with ``1/K`` of the
+    variance (both tested). Each replay is a forward with tangents (its cost is in BENCHMARKS.md), so
+    ``K = 1`` keeps the one-forward-one-backward cost the paper sells; the moving average
+    (``momentum``) is the free way to cut variance.
+``perturbation`` (default ``"input"``)
+    where the perturbation is added: the layer input, i.e. the very tensor at which the feedback
+    is injected, so ``g_l`` estimates the gradient that ``e @ B_l`` stands in for (with
+    ``granularity='macro'``/``'micro'``, the feedback point's tensor). This is the only point at
+    which the estimate and the projection are of the same quantity; perturbing a layer's output
+    or its weights estimates a different gradient, which the feedback cannot be compared with
+    without transporting it back through the layer (i.e. backprop). The option is kept so a
+    config states it explicitly; any other value is refused.
+``keep_estimate`` (default False)
+    keep the last ``g_l`` on each layer as ``layer.forward_gradient`` (for analysis).
+
+After each step every layer holds ``layer.grape_cos``: the mini-batch cosine
+between its projected error and its forward-gradient estimate, before the update.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn as nn
+
+from .._utils import rng
+from ..errors import Problem
+from ..session import FeedbackSession, activate, reset
+from .base import register_mode
+from .direct import DirectFeedbackAlignment
+
+DEFAULTS: Dict[str, Any] = {"feedback_lr": 0.05, "feedback_lr_halflife": 500, "momentum": 0.9, "directions": 1,
+                            "perturbation": "input", "keep_estimate": False}
+
+
+def validate_options(options: Mapping[str, Any]) -> List[Problem]:
+    problems = []
+    for k in options:
+        if k not in DEFAULTS:
+            problems.append(Problem(f"options.{k}", f"unknown option of mode 'grape'; valid: {', '.join(DEFAULTS)}"))
+    lr = options.get("feedback_lr", DEFAULTS["feedback_lr"])
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0 or not math.isfinite(lr):
+        problems.append(Problem("options.feedback_lr", f"must be a finite number >= 0, got {lr!r}"))
+    half = options.get("feedback_lr_halflife", DEFAULTS["feedback_lr_halflife"])
+    if half is not None and (isinstance(half, bool) or not isinstance(half, (int, float)) or not half > 0):
+        problems.append(Problem("options.feedback_lr_halflife", f"must be a number of steps > 0 or None, got {half!r}"))
+    mom = options.get("momentum", DEFAULTS["momentum"])
+    if isinstance(mom, bool) or not isinstance(mom, (int, float)) or not 0 <= mom < 1:
+        problems.append(Problem("options.momentum", f"must be in [0, 1), got {mom!r}"))
+    k = options.get("directions", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        problems.append(Problem("options.directions", f"must be an int >= 1 (tangent directions per step), got {k!r}"))
+    if options.get("perturbation", "input") != "input":
+        problems.append(Problem("options.perturbation", "only 'input' (the point where feedback is injected) is "
+                                f"implemented, got {options.get('perturbation')!r}"))
+    return problems
+
+
+def batch_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine between two tensors flattened over the whole mini-batch."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    return (a @ b) / (a.norm() * b.norm()).clamp_min(torch.finfo(a.dtype).tiny)
+
+
+class _Forward:
+    """GrAPE's state for one forward (``session.rule_state``): the perturbation added at each slot,
+    the output's tangent, and what the extra tangent directions need and produce."""
+
+    __slots__ = ("perturbations", "out_tangent", "examples", "generator", "replay", "replays", "main", "cursor",
+                 "level", "sdpa")
+
+    def __init__(self, generator: Optional[torch.Generator] = None, main: Optional[FeedbackSession] = None) -> None:
+        self.perturbations: List[Optional[torch.Tensor]] = []
+        self.out_tangent: Optional[torch.Tensor] = None
+        #: examples in the output (its first dimension); the rows of ``out_tangent`` (e.g. the tokens of a
+        #: sequence) are grouped by example for the directional derivative
+        self.examples: Optional[int] = None
+        #: draws the perturbations when set (several tangent directions: the global RNG must replay)
+        self.generator = generator
+        #: (module, args, kwargs, rng state, directions, device) of the forward, to replay it
+        self.replay: Any = None
+        #: (perturbations, output tangent) of each extra tangent direction
+        self.replays: List[Tuple[List[Optional[torch.Tensor]], Optional[torch.Tensor]]] = []
+        #: in a tangent-only replay: the session of the real forward, and how many of its slots were seen
+        self.main = main
+        self.cursor = 0
+        self.level: Any = None
+        self.sdpa: Any = None
+
+
+@register_mode("grape", family="direct",
+               description="DFA whose feedback turns toward activity-perturbed forward-gradient estimates")
+class GradientAlignedProjectedError(DirectFeedbackAlignment):
+    """GrAPE (seed paper, Algorithm 1). See :mod:`bio_ext.modes.grape` for every definition."""
+
+    forward_gradient = True
+
+    def validate_options(self, options):
+        return validate_options(options)
+
+    def probe_options(self, options):
+        """No feedback step, and the estimate kept (``alignment`` compares it with the true gradient)."""
+        return {**options, "feedback_lr": 0.0, "keep_estimate": True}
+
+    def create(self, weight, spec, generator):
+        buffers = super().create(weight, spec, generator)
+        fb = buffers["feedback"]
+        buffers["feedback_velocity"] = torch.zeros_like(fb)
+        buffers["feedback_norm"] = fb.norm().reshape(())
+        buffers["feedback_steps"] = torch.zeros((), dtype=torch.long, device=fb.device)
+        return buffers
+
+    # ----------------------------------------------------------------- the forward, with tangents
+
+    def open_forward(self, session, module, args, kwargs, options) -> None:
+        """Enter a forward-mode AD level for the forward (and the math SDPA backend: the fused attention
+        kernels have no tangent formulas); with ``directions`` > 1, keep what replaying the forward needs."""
+        fwd = _Forward()
+        session.rule_state = fwd
+        directions = options.get("directions", 1)
+        if directions > 1:
+            device = next(module.parameters()).device
+            seed = int(torch.randint(0, 2 ** 62, (1,)))
+            fwd.generator = torch.Generator(device=device).manual_seed(seed)
+            fwd.replay = (module, args, kwargs, rng.capture(device), directions, device)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        fwd.sdpa = sdpa_kernel([SDPBackend.MATH])
+        fwd.sdpa.__enter__()
+        fwd.level = fwAD.enter_dual_level()
+
+    def enter(self, session, layer, x, info=None):
+        fwd = session.rule_state
+        if session.tangent_only:  # a replay perturbs the layers the real forward registered, in order
+            main = fwd.main
+            if fwd.cursor >= len(main.layers) or main.layers[fwd.cursor] is not layer:
+                return -1, x
+            fwd.cursor += 1
+            return -1, self.perturb(session, len(fwd.perturbations), x)
+        slot, x = super().enter(session, layer, x, info)
+        if slot >= 0:
+            x = self.perturb(session, slot, x)
+        return slot, x
+
+    def perturb(self, session, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """Add a fresh standard-normal perturbation ``u`` to the forward-mode tangent of ``x`` (kept for slot)."""
+        fwd = session.rule_state
+        primal, tangent = fwAD.unpack_dual(x)
+        u = torch.randn(primal.shape, dtype=primal.dtype, device=primal.device, generator=fwd.generator)
+        while len(fwd.perturbations) <= slot:
+            fwd.perturbations.append(None)
+        fwd.perturbations[slot] = u
+        return fwAD.make_dual(primal, u if tangent is None else tangent + u)
+
+    def on_output(self, session, output):
+        """Keep the output's tangent; the loss is computed from the primal, without tangents."""
+        fwd = session.rule_state
+        primal, tangent = fwAD.unpack_dual(output)
+        out_tangent = None if tangent is None else tangent.detach().reshape(-1, session.output_dim).clone()
+        if session.tangent_only:
+            fwd.out_tangent = out_tangent
+            return output
+        if tangent is None:
+            return output
+        fwd.out_tangent = out_tangent
+        fwd.examples = output.shape[0] if output.dim() >= 2 else 1
+        return primal
+
+    def close_forward(self, session, module, output) -> None:
+        fwd = session.rule_state
+        try:
+            if fwd.replay is not None and output is not None and fwd.out_tangent is not None:
+                self._replay_directions(session)  # still inside this forward's session and dual level
+        finally:
+            fwAD.exit_dual_level(level=fwd.level)
+            fwd.sdpa.__exit__(None, None, None)
+
+    @staticmethod
+    def _replay_directions(session) -> None:
+        """``directions`` K > 1: K - 1 more forwards under no_grad that carry tangents only.
+
+        Each replays the forward with the global RNG state it started from (the same dropout masks) and
+        fresh perturbations from the forward's own generator; BatchNorm running statistics are restored
+        afterwards, and so is the global RNG, so the model and the user's random stream see one forward.
+        """
+        fwd = session.rule_state
+        module, args, kwargs, start, directions, device = fwd.replay
+        after = rng.capture(device)
+        norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+        saved = [dict(m._buffers) for m in norms]
+        for m in norms:  # replays update copies: the originals are saved for the real backward, untouched
+            for k, b in m._buffers.items():
+                if b is not None:
+                    m._buffers[k] = b.clone()
+        try:
+            with torch.no_grad():
+                for _ in range(directions - 1):
+                    rng.restore(start)
+                    replay = FeedbackSession(session.bank, session.output_dim, session.rule, tangent_only=True)
+                    replay.rule_state = _Forward(fwd.generator, main=session)
+                    token = activate(replay)
+                    try:
+                        module.forward(*args, **kwargs)
+                    finally:
+                        reset(token)
+                    fwd.replays.append((replay.rule_state.perturbations, replay.rule_state.out_tangent))
+        finally:
+            for m, bufs in zip(norms, saved):
+                m._buffers.update(bufs)
+            rng.restore(after)
+
+    # ----------------------------------------------------------------- the backward: estimate, then turn B
+
+    def before_projection(self, session, e: torch.Tensor) -> None:
+        fwd = session.rule_state
+        if fwd is None or fwd.out_tangent is None:
+            return
+        n = e.shape[0]
+        # one directional derivative per example and tangent direction: the rows of one example (the tokens
+        # of a sequence) interact (attention), so a perturbation at token j moves the outputs at other tokens
+        ex = fwd.examples or n
+
+        def per_example(tangent):
+            return (e * tangent.to(e.dtype)).sum(-1).reshape(ex, -1).sum(1)
+
+        directions = [(fwd.perturbations, per_example(fwd.out_tangent))]
+        directions += [(us, per_example(t)) for us, t in fwd.replays if t is not None]
+        for slot, layer in enumerate(session.layers):
+            u = fwd.perturbations[slot] if slot < len(fwd.perturbations) else None
+            if u is None or layer is None:
+                continue
+            rows = u.numel() // u.shape[-1]
+            if u.shape[0] != ex or rows % n:
+                continue  # the rows of this input cannot be matched with the examples: no estimate
+            shape = (ex,) + (1,) * (u.dim() - 1)
+            terms = [(us[slot] * d.reshape(shape).to(u.dtype)).reshape(n, -1) for us, d in directions
+                     if slot < len(us) and us[slot] is not None and us[slot].shape == u.shape]
+            g = (terms[0] if len(terms) == 1 else torch.stack(terms).mean(0)).to(e.dtype)
+            self.step(layer, e, g, session.infos[slot], {**DEFAULTS, **layer.mode_options})
+
+    @staticmethod
+    def step(layer, e: torch.Tensor, g: torch.Tensor, info, opts) -> None:
+        fb = layer.feedback
+        with torch.enable_grad():
+            b = fb.detach().to(e.dtype).requires_grad_(True)
+            p = layer.project_error(e.detach(), b, info)
+            width = p[0].numel()
+            if width != g.shape[1]:
+                # one error row per example but several positions (tokens) per example at this layer: the
+                # projection is spread evenly over them, so the best it can align with is their sum
+                g = g.reshape(g.shape[0], -1, width).sum(1)
+            cos = batch_cosine(p, g)
+            (grad,) = torch.autograd.grad(cos, b)
+        with torch.no_grad():
+            layer.grape_cos = cos.detach()
+            if opts["keep_estimate"]:
+                layer.forward_gradient = g.detach()
+            lr, mom, half = opts["feedback_lr"], opts["momentum"], opts["feedback_lr_halflife"]
+            if lr == 0:
+                return
+            steps = layer.feedback_steps
+            if half is not None:  # a tensor, so no device sync
+                lr = lr / (1.0 + steps.to(fb.dtype) / half)
+            steps += 1
+            v = layer.feedback_velocity
+            v.mul_(mom).add_(grad.to(v.dtype), alpha=1 - mom)
+            norm0 = layer.feedback_norm
+            fb.add_(v * (lr * norm0 * norm0))
+            fb.mul_(norm0 / fb.norm().clamp_min(torch.finfo(fb.dtype).tiny))
