@@ -7,7 +7,29 @@ callers that do not know bio_ext. Messages name the problem and the fix.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Union
+
+
+class Problem(str):
+    """One problem with a configuration: a ``path`` (``"options.feedback_lr"``, ``""`` for the whole)
+    and a ``message``. It is the string ``"path: message"`` too, so it prints and compares as the
+    problems always did, while code that re-roots a problem (the YAML runner prefixing its
+    section) reads ``path`` instead of parsing the text."""
+
+    path: str
+    message: str
+
+    def __new__(cls, path: str, message: str) -> "Problem":
+        self = super().__new__(cls, f"{path}: {message}" if path else message)
+        self.path, self.message = path, message
+        return self
+
+    def __reduce__(self):
+        return (Problem, (self.path, self.message))
+
+    def under(self, prefix: str) -> "Problem":
+        """The same problem with ``prefix`` put before its path."""
+        return Problem(f"{prefix}.{self.path}" if self.path else prefix, self.message)
 
 
 class BioExtError(Exception):
@@ -17,7 +39,7 @@ class BioExtError(Exception):
 class ConfigError(BioExtError, ValueError):
     """One or more options are invalid. ``problems`` lists every one of them."""
 
-    def __init__(self, problems: Iterable[str], *, what: str = "configuration"):
+    def __init__(self, problems: Iterable[Union[str, Problem]], *, what: str = "configuration"):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"invalid {what} ({len(self.problems)} problem(s)):\n{lines}")
