@@ -140,6 +140,7 @@ class DataConfig(_Section):
     augment: bool = _d("data.augment")
     options: Dict[str, Any] = _d("data.options")
 
+
 @dataclass(frozen=True)
 class ModeConfig(_Section):
     _PATH = "model.mode"
@@ -316,6 +317,7 @@ class EvaluationConfig(_Section):
 _SECTIONS = {"experiment": ExperimentConfig, "data": DataConfig, "model": ModelConfig, "training": TrainingConfig,
              "infrastructure": InfrastructureConfig, "evaluation": EvaluationConfig}
 
+
 @dataclass(frozen=True)
 class BenchmarkConfig:
     """A whole benchmark configuration. Build it with :meth:`from_dict`, :meth:`from_yaml` or
@@ -403,6 +405,7 @@ class BenchmarkConfig:
         if problems:
             raise ConfigError(problems, what="benchmark configuration")
         return cls(**built)
+
 
 def _build(typ: type, values: Any, path: str, problems: List[str]):
     """Check one (sub)section's keys and values, recursing into nested sections; build it when clean."""
