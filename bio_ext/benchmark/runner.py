@@ -20,8 +20,12 @@ Layout of the outputs (``<output_dir>/<experiment.name>/``)::
     <mode>/seed_<k>/tensorboard/     TensorBoard events (tags: :mod:`bio_ext.benchmark.tracking`)
 
 One training step is the ordinary loop: ``zero_grad``, ``loss_fn(model(x), y).backward()``,
-``step``, on the model ``bio_ext.convert`` returned (``bp`` too, whose gradients are autograd's).
-The optimizer and scheduler are built from ``training``; the scheduler steps once per epoch.
+``step``, on the model ``bio_ext.convert`` returned (``bp`` too, whose gradients are autograd's),
+with biotorch's ``gradient_clip`` / ``constrain_weights`` around ``step`` when the configuration
+asks for them (:class:`~bio_ext.benchmark.biotorch.StepRules`). The optimizer and scheduler are
+built from ``training`` (:mod:`bio_ext.benchmark.build`); the scheduler steps once per epoch.
+:class:`Run` trains one (mode, seed): set up, restore from the checkpoint, then epoch by epoch
+and step by step.
 
 Reproducibility: each run seeds torch, numpy and ``random`` with its seed before building the
 model; the training order of epoch ``e`` is a permutation drawn from a generator seeded with
