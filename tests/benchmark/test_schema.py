@@ -194,3 +194,19 @@ def test_table1_configs_train_every_registered_mode():
         o = cfg.training
         assert (o.optimizer.type, o.optimizer.lr, o.lr_scheduler.type, o.lr_scheduler.gamma,
                 o.hyperparameters.batch_size, o.hyperparameters.epochs) == ("adam", 1e-4, "exponential", 0.95, 256, 100)
+
+
+def test_problems_the_core_gives_with_a_path_are_placed_by_that_path(monkeypatch):
+    """A mode's option problems as :class:`bio_ext.errors.Problem` read the same as plain strings."""
+    from bio_ext.errors import Problem
+    from bio_ext.modes import get_mode
+    doc = {"model": {"mode": {"type": ["grape"], "options": {"feedback_lr": -1},
+                              "mode_options": {"grape": {"momentum": 2}}}}}
+    plain = problems_of(doc)
+    rule = get_mode("grape").rule
+    original = rule.validate_options
+    monkeypatch.setattr(rule, "validate_options",
+                        lambda options: [Problem(*p.split(": ", 1)) for p in map(str, original(options))])
+    assert problems_of(doc) == plain == [
+        "model.mode.options.feedback_lr: must be a finite number >= 0, got -1 (mode grape)",
+        "model.mode.mode_options.grape.momentum: must be in [0, 1), got 2 (mode grape)"]
