@@ -9,16 +9,28 @@ place defaults are defined. Each (sub)section is a frozen dataclass that validat
 raises ONE :class:`~bio_ext.errors.ConfigError` listing every problem with its YAML path,
 e.g. ``training.optimizer.lr: must be > 0, got -1``; unknown keys name the closest valid key.
 
+Numbers: files and ``--override`` values are read by :func:`yaml_load`, which resolves plain
+scalars such as ``1e-3`` or ``5E+2`` to floats as YAML 1.2 does (PyYAML follows YAML 1.1 and
+leaves them strings, which ``mode_options`` and ``convert`` would refuse); quoted scalars stay
+strings. ``model.mode.convert.scale`` must be a finite positive number at most
+:data:`MAX_SCALE`, checked here so that ``--check`` refuses what ``convert`` cannot draw.
+
 Sweeps: ``model.mode.type`` may be a list of modes and ``experiment.seeds`` a list of seeds;
 the runner trains every (mode, seed) pair. ``experiment.seed`` (biotorch's single seed) is used
-when ``seeds`` is not given.
+when ``seeds`` is not given. An ``--override`` of ``model.mode.type`` that leaves a mode out of the
+sweep drops the file's ``mode_options`` of that mode, with a note in the log
+(:func:`apply_overrides`); in the file itself, options for a mode it does not train are an error.
+A ``mode_options`` name that is no registered mode at all is always an error.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -29,9 +41,17 @@ from ..config import ConvertConfig
 from ..errors import ConfigError, Problem
 from ..modes import get_mode
 from . import biotorch
+from .errors import ConfigFileError
 # the table of keys, re-exported: the configuration's names are imported from here
 from .fields import (BLOCKWISE, DEFAULTS, FEEDBACK_SEED_OFFSET, FIELDS, OPTIMIZERS, SCHEDULERS,  # noqa: F401
                      Spec, check_value, defaults_markdown, did_you_mean)
+
+log = logging.getLogger(__name__)
+
+#: the largest ``model.mode.convert.scale`` taken: the feedback is drawn in float32, whose largest
+#: value is about 3.4e38, as uniform(-b, b) with ``b`` up to ``sqrt(3) * scale``; beyond this bound
+#: drawing it fails (torch's "from is out of bounds") or gives infinite feedback
+MAX_SCALE = 1e37
 
 
 def _d(path: str):
@@ -195,8 +215,12 @@ class ModeConfig(_Section):
         p = self._PATH
         problems = biotorch.option_problems(self.biotorch_options(), f"{p}.options")
         modes = self.modes if all(isinstance(m, str) for m in self.modes) else []
+        registered = list(FIELDS["model.mode.type"].choices()) + list(biotorch.MODE_ALIASES)
         for m in self.mode_options:
-            if m not in modes:
+            if m not in registered:
+                problems.append(f"{p}.mode_options.{m}: {m!r} is not a registered mode; valid modes are "
+                                f"{', '.join(sorted(registered))}{did_you_mean(m, registered)}")
+            elif m not in modes:
                 problems.append(f"{p}.mode_options.{m}: {m!r} is not a mode of this sweep "
                                 f"({', '.join(modes)}){did_you_mean(m, modes)}")
             elif not isinstance(self.mode_options[m], Mapping):
@@ -206,6 +230,7 @@ class ModeConfig(_Section):
             if k not in fields:
                 problems.append(f"{p}.convert.{k}: unknown key{did_you_mean(k, sorted(fields))}; valid keys are "
                                 f"{', '.join(sorted(fields))}")
+        problems += _scale_problems(self.convert, f"{p}.convert.scale")
         return problems
 
     def _where(self, mode: str, key: str) -> str:
@@ -231,6 +256,25 @@ class ModeConfig(_Section):
         except ConfigError as e:
             problems += [f"{self._PATH}.convert.{msg}" for msg in e.problems if not _about_the_mode(msg)]
         return problems
+
+
+def _scale_problems(convert: Mapping[str, Any], path: str) -> List[str]:
+    """A positive ``scale`` that is not finite, or above :data:`MAX_SCALE`, or NaN. ``convert``
+    accepts it and then fails drawing the feedback, after the run's folder exists; a scale <= 0 or
+    not a number is left to ``ConvertConfig``'s own message."""
+    if "scale" not in convert:
+        return []
+    scale = convert["scale"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
+        return []
+    try:
+        value = float(scale)
+    except OverflowError:  # an int beyond float's range
+        value = math.inf
+    if math.isfinite(value) and value <= MAX_SCALE:
+        return []
+    return [f"{path}: must be a finite positive number at most {MAX_SCALE:g} (the feedback is drawn in float32), "
+            f"got {scale!r}"]
 
 
 @dataclass(frozen=True)
@@ -382,7 +426,7 @@ class BenchmarkConfig:
 
     @classmethod
     def from_yaml(cls, text: str) -> "BenchmarkConfig":
-        return cls.from_dict(yaml.safe_load(text) or {})
+        return cls.from_dict(yaml_load(text) or {})
 
     @classmethod
     def from_dict(cls, data: Any) -> "BenchmarkConfig":
@@ -442,8 +486,72 @@ def _build(typ: type, values: Any, path: str, problems: List[str]):
 # ------------------------------------------------------------------------------------------ loading
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's rule for floats: ``1e-3``, ``5E+2`` and ``.5`` are
+    numbers (YAML 1.1 wants a dot and a signed exponent). Everything else is YAML 1.1 as before."""
+
+
+_EXPONENT = r"(?:[eE][-+]?[0-9]+)"
+_FLOAT_12 = re.compile(rf"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*{_EXPONENT}?
+    |[-+]?\.[0-9][0-9_]*{_EXPONENT}?
+    |[-+]?[0-9][0-9_]*{_EXPONENT}
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+# the float resolver's regex replaced where YAML 1.1 registered it (first characters -+0123456789.),
+# its place among the other resolvers kept
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, _FLOAT_12 if tag == "tag:yaml.org,2002:float" else regexp) for tag, regexp in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+def yaml_load(text) -> Any:
+    """``yaml.safe_load`` with YAML 1.2's floats (:class:`_Yaml12Loader`): how config files and
+    ``--override`` values are read."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader)
+
+
+def _sweep_modes(data: Mapping[str, Any]) -> Optional[List[str]]:
+    """The raw document's ``model.mode.type`` as a list of resolved mode names (None when absent or
+    not names)."""
+    mode = data.get("model", {}).get("mode") if isinstance(data.get("model"), Mapping) else None
+    if not isinstance(mode, Mapping) or "type" not in mode:
+        return None
+    t = mode["type"]
+    names = t if isinstance(t, list) else [t]
+    if not all(isinstance(n, str) for n in names):
+        return None
+    return [biotorch.MODE_ALIASES.get(n, n) for n in names]
+
+
+def _mode_options(data: Mapping[str, Any]) -> Dict[str, Any]:
+    model = data.get("model")
+    mode = model.get("mode") if isinstance(model, Mapping) else None
+    options = mode.get("mode_options") if isinstance(mode, Mapping) else None
+    return options if isinstance(options, dict) else {}
+
+
+def _drop_options_of_modes_left_out(before: Mapping[str, Any], after: Dict[str, Any]) -> None:
+    """After overrides changed ``model.mode.type``: remove, in place, the file's ``mode_options``
+    of registered modes the new sweep leaves out, with a note in the log. Names that are no mode at
+    all, and options an override set, stay (the schema reports them)."""
+    modes = _sweep_modes(after)
+    if modes is None or modes == _sweep_modes(before):
+        return
+    registered = set(FIELDS["model.mode.type"].choices())
+    old, new = _mode_options(before), _mode_options(after)
+    for m in list(new):
+        name = biotorch.MODE_ALIASES.get(m, m)
+        if name in registered and name not in modes and m in old and new[m] == old[m]:
+            del new[m]
+            log.info("model.mode.mode_options.%s ignored: the overridden model.mode.type (%s) leaves %s out of "
+                     "the sweep", m, ", ".join(modes), m)
+
+
 def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
-    """Apply ``key.path=value`` overrides (values parsed as YAML scalars/flow) to a raw document."""
+    """Apply ``key.path=value`` overrides (values parsed as YAML scalars/flow, YAML 1.2 floats) to a
+    raw document. When they change ``model.mode.type``, the document's ``mode_options`` of modes
+    left out of the sweep are dropped with a note (:func:`_drop_options_of_modes_left_out`)."""
+    before = data
     data = copy.deepcopy(data)
     problems = []
     for item in overrides:
@@ -456,7 +564,7 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
             problems.append(f"--override {item!r}: empty key component in {key!r}")
             continue
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
             problems.append(f"--override {item!r}: value is not valid YAML ({e.__class__.__name__})")
             continue
@@ -474,18 +582,30 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
             node[parts[-1]] = value
     if problems:
         raise ConfigError(problems, what="overrides")
+    if isinstance(before, Mapping):
+        _drop_options_of_modes_left_out(before, data)
     return data
 
 
 def read_yaml(path: str) -> Dict[str, Any]:
-    """Read a YAML file; a missing file or a syntax error is a ConfigError saying so."""
+    """Read a YAML file (YAML 1.2 floats, :func:`yaml_load`). A missing, unreadable or binary file
+    is a one-line :class:`~bio_ext.benchmark.errors.ConfigFileError` naming it; a syntax error a
+    ConfigError quoting the parser."""
     if not os.path.isfile(path):
-        raise ConfigError([f"{path}: no such config file"], what="benchmark configuration")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError([f"{path}: not valid YAML: {e}"], what="benchmark configuration") from None
+        raise ConfigFileError(path, "no such config file; pass the path of a benchmark .yaml file "
+                              "(e.g. configs/quickstart_digits.yaml)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigFileError(path, f"not a YAML text file: byte 0x{e.object[e.start]:02x} at offset {e.start} is "
+                              "not UTF-8; pass the benchmark's .yaml file, not a binary or checkpoint file") from None
+    except OSError as e:
+        raise ConfigFileError(path, f"cannot be read ({e.strerror or e}); check its permissions") from None
+    try:
+        data = yaml_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML: {e}"], what="benchmark configuration") from None
     return data if data is not None else {}
 
 
