@@ -203,6 +203,15 @@ def test_a_damaged_run_file_on_resume_fails_that_run_and_the_sweep_goes_on(tmp_p
     assert f"fa seed 0: failed: {fa.message}" in summary
 
 
+def test_resuming_a_folder_of_another_configuration_fails_that_run_and_leaves_its_files(tmp_path):
+    run_experiment(tiny(tmp_path, modes=("fa",)))
+    stored = (tmp_path / "t" / "fa" / "seed_0" / "results.json").read_bytes()
+    res = run_experiment(tiny(tmp_path, lr=2e-2), resume=True)
+    assert [r.status for r in res.runs] == ["failed", "finished"]
+    assert "different configuration" in res.runs[0].message
+    assert (tmp_path / "t" / "fa" / "seed_0" / "results.json").read_bytes() == stored
+
+
 def test_a_run_folder_that_cannot_be_made_fails_that_run_and_the_sweep_goes_on(tmp_path):
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "fa").write_text("a file where the mode's folder goes")
