@@ -549,7 +549,7 @@ def run_experiment(cfg: BenchmarkConfig, *, resume: bool = False, progress: Opti
                 results.append(run.mark_failed(e))
     except KeyboardInterrupt:
         pending = [f"{r.mode}/seed_{r.seed}" for r in runs[len(results):]]
-        log.warning("interrupted: %d of %d run(s) done; writing the summary", len(results), len(runs))
+        log.info("interrupted: %d of %d run(s) done; writing the summary", len(results), len(runs))
         partial = _write_summary(cfg, out, results, pending)
         raise SweepInterrupted(
             f"interrupted: {len(results)} of {len(runs)} run(s) done, {out / 'summary.md'} written for them; run "
