@@ -293,7 +293,8 @@ def _read_idx(path: Path, expect_magic: int) -> torch.Tensor:
             shape = struct.unpack(">" + "I" * ndim, dims)
             data = f.read()
     except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-        what = "truncated (the gzip stream ends early)" if isinstance(e, EOFError) else f"not a readable gzip file ({e})"
+        what = "truncated (the gzip stream ends early)" if isinstance(e, EOFError) else \
+            f"not a readable gzip file ({e})"
         raise DataFileError(path, f"{what}; {_REPLACE}") from None
     expected = 1
     for n in shape:

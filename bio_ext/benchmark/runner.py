@@ -225,9 +225,9 @@ class Run:
     def mark_failed(self, error: BioExtError) -> RunResult:
         """Record the run as failed with ``error``'s one-line message. A damaged ``results.json``
         is left as it is (the message says to delete it), and so are the files of a run folder
-        written with another configuration (:class:`~bio_ext.errors.RunExistsError`); otherwise the results files are written
-        with the history of the last checkpoint (or of ``results.json`` when the checkpoint is
-        damaged)."""
+        written with another configuration (:class:`~bio_ext.errors.RunExistsError`); otherwise
+        the results files are written with the history of the last checkpoint (or of
+        ``results.json`` when the checkpoint is damaged)."""
         keep = isinstance(error, RunExistsError) or (isinstance(error, RunFileError)
                                                      and Path(error.path) == self.results_path)
         return self._mark("failed", _one_line(error), write=not keep)
