@@ -4,7 +4,8 @@
 meaning), ``biotorch`` (every biotorch compatibility rule), ``data`` (datasets), ``models``
 (models by name), ``build`` (a run's device, data, converted model, optimizer, scheduler),
 ``runner`` (the training loop, checkpoints, the sweep), ``results`` (result files and the
-summary), ``tracking`` (TensorBoard), ``plots`` (PNG figures).
+summary), ``tracking`` (TensorBoard), ``plots`` (PNG figures), ``yamlio`` (reading files and
+overrides), ``errors`` (the runner's typed errors, each a :class:`bio_ext.errors.BioExtError`).
 """
 
 from .results import RunResult  # noqa: F401

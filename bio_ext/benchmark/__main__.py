@@ -5,8 +5,9 @@ Runs every (mode, seed) of the configuration with a progress bar per epoch, then
 results table (also written to ``<output_dir>/<name>/summary.md``). Overrides are YAML values
 set at a dotted key before validation, e.g. ``--override training.hyperparameters.epochs=2
 --override "model.mode.type=[bp, dfa]"``. ``--check`` validates the configuration and prints it
-resolved, training nothing. Exit status: 0 done, 1 a run diverged, 2 invalid configuration or
-input.
+resolved, training nothing. Exit status: 0 done, 1 a run diverged or failed (each named on one
+line), 2 invalid configuration or input (one line, or the list of problems), 130 interrupted
+(Ctrl-C: the runs that ended are kept and summarised, one line says how to resume).
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BioExtError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # SweepInterrupted says what was kept; a bare one came before any run
+        print(str(e) if str(e) else "interrupted (Ctrl-C) before any run ended; run again (with --resume) to "
+              "continue", file=sys.stderr)
+        return 130
     print(f"\n{cfg.experiment.name}: {cfg.data.dataset}, {cfg.model.architecture}, "
           f"{cfg.training.hyperparameters.epochs} epochs, seeds {cfg.seeds}\n")
     print(result.table)

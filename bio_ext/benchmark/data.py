@@ -17,6 +17,8 @@ Registered names (:func:`available_datasets`):
     (the ``data`` folder holding ``mnist/`` or ``fashion-mnist/``); the default is
     ``../shared/data/<folder>`` relative to the current directory (then relative to the repository).
     Normalized with the usual constants: MNIST mean 0.1307 std 0.3081, Fashion-MNIST 0.2860 / 0.3530.
+    A damaged file (truncated ``.gz``, not gzip, fewer bytes than its header announces) is a
+    one-line :class:`~bio_ext.benchmark.errors.DataFileError` naming it, as is a damaged CIFAR-10 batch.
 ``cifar10``
     The standard ``cifar-10-batches-py`` pickles (``data_batch_1`` .. ``data_batch_5``,
     ``test_batch``). ``root`` may be that folder or its parent. Normalized per channel with
@@ -49,6 +51,7 @@ import os
 import pickle
 import random
 import struct
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -58,6 +61,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataNotFoundError, InvalidOptionError, UnknownNameError
+from .errors import DataFileError
 
 log = logging.getLogger(__name__)
 
@@ -264,17 +268,40 @@ def _find(root: Optional[str], folder_names: Sequence[str], files: Sequence[str]
         f"{', '.join(files)}. {how}")
 
 
+#: what to do with a damaged data file, said in every DataFileError
+_REPLACE = "replace it with the original file (download it again or copy it from ../shared/data)"
+
+
 def _read_idx(path: Path, expect_magic: int) -> torch.Tensor:
-    with gzip.open(path, "rb") as f:
-        head = f.read(4)
-        magic = struct.unpack(">I", head)[0]
-        if magic != expect_magic:
-            raise DataNotFoundError(f"{path} is not an IDX file of the expected kind: magic number {magic}, "
-                                    f"expected {expect_magic} (2051 for images, 2049 for labels); "
-                                    "replace it with the original file")
-        ndim = magic & 0xFF
-        shape = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
-        data = f.read()
+    """One gzipped IDX file as a uint8 tensor of the shape its header gives. A truncated or
+    non-gzip file, or one holding fewer bytes than its header announces, is a
+    :class:`~bio_ext.benchmark.errors.DataFileError` naming it."""
+    try:
+        with gzip.open(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise DataFileError(path, f"truncated: {len(head)} bytes where the IDX header needs 4; {_REPLACE}")
+            magic = struct.unpack(">I", head)[0]
+            if magic != expect_magic:
+                raise DataNotFoundError(f"{path} is not an IDX file of the expected kind: magic number {magic}, "
+                                        f"expected {expect_magic} (2051 for images, 2049 for labels); "
+                                        "replace it with the original file")
+            ndim = magic & 0xFF
+            dims = f.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise DataFileError(path, f"truncated inside its IDX header; {_REPLACE}")
+            shape = struct.unpack(">" + "I" * ndim, dims)
+            data = f.read()
+    except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        what = "truncated (the gzip stream ends early)" if isinstance(e, EOFError) else \
+            f"not a readable gzip file ({e})"
+        raise DataFileError(path, f"{what}; {_REPLACE}") from None
+    expected = 1
+    for n in shape:
+        expected *= n
+    if len(data) != expected:
+        raise DataFileError(path, f"holds {len(data)} bytes of data where its header ({' x '.join(map(str, shape))}) "
+                            f"announces {expected}; {_REPLACE}")
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(shape)
 
 
@@ -312,11 +339,15 @@ def _cifar_raw(folder: str):
     p = Path(folder)
 
     def batch(name):
-        with open(p / name, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
-        x = torch.as_tensor(d["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32)
-        return x, torch.as_tensor(d["labels"], dtype=torch.long)
+        try:
+            with open(p / name, "rb") as f:
+                d = pickle.load(f, encoding="bytes")
+            d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+            x = torch.as_tensor(d["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32)
+            return x, torch.as_tensor(d["labels"], dtype=torch.long)
+        except (EOFError, pickle.UnpicklingError, AttributeError, KeyError, RuntimeError, TypeError, ValueError) as e:
+            raise DataFileError(p / name, f"not a complete CIFAR-10 batch ({type(e).__name__}: {e}); "
+                                f"{_REPLACE}") from None
 
     parts = [batch(n) for n in CIFAR10_FILES[:5]]
     xte, yte = batch(CIFAR10_FILES[5])

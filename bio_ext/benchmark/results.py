@@ -3,21 +3,31 @@
 Every file is written to ``<name>.tmp`` and renamed over ``<name>``: a killed run never leaves a
 half-written checkpoint or results file. ``results.json`` is deterministic (no times; those go to
 ``timings.json``), so two runs with the same configuration write the same file.
+
+A file that cannot be written raises :class:`~bio_ext.benchmark.errors.OutputDirError` naming it;
+a ``results.json`` that cannot be read back on resume raises
+:class:`~bio_ext.benchmark.errors.RunFileError` naming it and the fix. Unreadable
+``alignment.json`` / ``timings.json`` (figures only) are skipped with a warning.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .errors import OutputDirError, RunFileError
 from .schema import BenchmarkConfig
+
+log = logging.getLogger(__name__)
 
 #: version of the layout of ``results.json`` and ``checkpoint.pt``
 RESULTS_FORMAT = 1
@@ -28,11 +38,20 @@ RESULTS_FORMAT = 1
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise OutputDirError(path, f"cannot be written ({e.strerror or e}); make its folder writable (free space, "
+                             "permissions, no file in the way) or set experiment.output_dir to another "
+                             "folder") from None
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -71,7 +90,7 @@ class RunResult:
     mode: str
     seed: int
     run_dir: Path
-    status: str  # finished, diverged
+    status: str  # finished, diverged (see the runner), failed (a typed error stopped it)
     history: List[Dict[str, Any]]
     final: Dict[str, Any]
     alignment: List[Dict[str, Any]] = field(default_factory=list)
@@ -117,7 +136,14 @@ def read_finished(run_dir: Path, cfg: BenchmarkConfig) -> Optional[Dict[str, Any
     path = Path(run_dir) / "results.json"
     if not path.is_file():
         return None
-    data = json.loads(path.read_text(encoding="utf-8"))
+    fix = ("delete it and run again with --resume: the run then continues from its checkpoint.pt, or starts "
+           "over without one")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RunFileError(path, f"is not readable JSON ({e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise RunFileError(path, f"holds a JSON {type(data).__name__}, not a run's results; {fix}")
     if data.get("status") != "finished" or data.get("config") != cfg.to_dict():
         return None
     return data
@@ -126,7 +152,14 @@ def read_finished(run_dir: Path, cfg: BenchmarkConfig) -> Optional[Dict[str, Any
 def read_alignment(run_dir: Path) -> List[Dict[str, Any]]:
     """The alignment probe's rows a run wrote (none when it wrote no file)."""
     p = Path(run_dir) / "alignment.json"
-    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else []
+    if not p.is_file():
+        return []
+    try:
+        rows = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        log.warning("%s is not readable JSON (%s): the run's alignment figures are left out", p, e)
+        return []
+    return rows if isinstance(rows, list) else []
 
 
 # ---------------------------------------------------------------------------------------- the summary
@@ -145,8 +178,12 @@ def _seconds_per_epoch(runs: Sequence[RunResult]) -> List[float]:
     for r in runs:
         t = r.run_dir / "timings.json"
         if t.is_file():
-            v = json.loads(t.read_text(encoding="utf-8")).get("seconds_per_epoch")
-            if v:
+            try:
+                v = json.loads(t.read_text(encoding="utf-8")).get("seconds_per_epoch")
+            except (OSError, ValueError, AttributeError) as e:
+                log.warning("%s is not a readable timings file (%s): left out of s/epoch", t, e)
+                continue
+            if isinstance(v, (int, float)) and v:
                 secs.append(v)
     return secs
 
@@ -176,15 +213,18 @@ def summary_table(cfg: BenchmarkConfig, results: Sequence[RunResult]) -> str:
         loss = [r.final["train_loss"] for r in ok if r.final.get("train_loss") is not None]
         secs = _seconds_per_epoch(ok)
         epochs = sorted({len(r.history) for r in ok})
-        note = f" ({len(rs) - len(ok)} diverged)" if len(ok) < len(rs) else ""
+        not_ok = Counter(r.status for r in rs if r.status != "finished")
+        note = f" ({', '.join(f'{n} {status}' for status, n in not_ok.items())})" if not_ok else ""
         lines.append(f"| {mode} | {len(ok)}{note} | {'/'.join(map(str, epochs)) or '-'} | {_mean_std(acc)} | "
                      f"{_mean_std(best)} | {_mean_std(loss) if loss else '-'} | {_last_update_angles(ok)} | "
                      f"{f'{statistics.mean(secs):.1f}' if secs else '-'} |")
     return "\n".join(lines) + "\n"
 
 
-def summary_markdown(cfg: BenchmarkConfig, results: Sequence[RunResult], table: str) -> str:
-    """``summary.md``: the experiment's settings, the table, diverged runs and the figures."""
+def summary_markdown(cfg: BenchmarkConfig, results: Sequence[RunResult], table: str,
+                     pending: Sequence[str] = ()) -> str:
+    """``summary.md``: the experiment's settings, the table, runs that diverged or failed, the runs
+    an interrupt left ``pending`` (``mode/seed_k``), and the figures."""
     e, d, t = cfg.experiment, cfg.data, cfg.training
     head = [f"# {e.name}", ""]
     if e.description:
@@ -196,5 +236,8 @@ def summary_markdown(cfg: BenchmarkConfig, results: Sequence[RunResult], table: 
     for r in results:
         if r.status != "finished":
             head += [f"- {r.mode} seed {r.seed}: {r.status}: {r.message}"]
+    if pending:
+        head += ["", f"Interrupted before {len(pending)} run(s) ended: {', '.join(pending)}. Run again with "
+                 "--resume to continue them (finished runs are skipped)."]
     head += ["", "![test accuracy per epoch](accuracy.png)", "", "![alignment over training](alignment.png)", ""]
     return "\n".join(head)

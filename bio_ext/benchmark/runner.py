@@ -32,19 +32,43 @@ model; the training order of epoch ``e`` is a permutation drawn from a generator
 ``(seed, e)``; the alignment probe restores the RNG state it used, so logging never changes
 training. ``resume=True`` skips finished runs and continues unfinished ones from their last
 checkpoint (model with its feedback buffers, optimizer, scheduler, RNG states, history), ending
-with the metrics an uninterrupted run ends with. A NaN or infinite loss raises
-:class:`~bio_ext.errors.NonFiniteLossError` naming the epoch, the step and the last good checkpoint,
-which stays as it was; :func:`run_experiment` records the run as diverged and goes on with the next.
+with the metrics an uninterrupted run ends with.
+
+Divergence: a run is *diverged* (its ``results.json`` and the summary say so; it is never
+"finished") when
+
+* a training loss is NaN or infinite (checked before each backward): :class:`~bio_ext.errors.NonFiniteLossError`;
+* a parameter or a floating buffer of the model (the feedback matrices, GrAPE's velocities, batch
+  norm statistics) is NaN or infinite when a checkpoint is due, e.g. after a finite loss with
+  non-finite gradients: :class:`~bio_ext.benchmark.errors.TrainingDivergedError`, and the
+  checkpoint is not written, so ``checkpoint.pt`` and ``best_model.pt`` only ever hold finite state;
+* an epoch's mean training loss exceeds :data:`DIVERGENCE_FACTOR` times the larger of the run's
+  first training loss (the untrained model's, kept in the checkpoint for resumes) and
+  ``ln(num_classes)`` (a uniform guess's cross-entropy, so a model that starts near zero loss is
+  not flagged for ordinary noise): TrainingDivergedError (lr=1e6 reaches losses of 1e6 and more).
+
+Each message names the epoch, the step or the tensors, and the last good checkpoint, which stays
+as it was; :func:`run_experiment` records the run as diverged and goes on with the next.
+
+Failures: any other :class:`~bio_ext.errors.BioExtError` of one run (a damaged ``checkpoint.pt`` or
+``results.json`` on resume: :class:`~bio_ext.benchmark.errors.RunFileError`; a run folder that
+cannot be written: :class:`~bio_ext.benchmark.errors.OutputDirError`; a conversion the model refuses)
+marks that run *failed* with a one-line message naming the file and the fix, and the sweep goes on;
+``summary.md`` is written in every case. Ctrl-C (``KeyboardInterrupt``) stops the sweep: the runs
+that ended keep their files, ``summary.md`` is written for them and lists the runs left, and
+:class:`~bio_ext.benchmark.errors.SweepInterrupted` (a KeyboardInterrupt) is raised; ``--resume``
+continues from there.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -52,9 +76,10 @@ import torch.nn.functional as F
 
 from .._utils.rng import capture, restore
 from ..blockwise import is_blockwise
-from ..errors import NonFiniteLossError, RunExistsError
+from ..errors import BioExtError, NonFiniteLossError, RunExistsError
 from ..inspection import alignment
 from .biotorch import StepRules
+from .errors import OutputDirError, RunFileError, SweepInterrupted, TrainingDivergedError
 # what a run is built from and what it writes, re-exported: the runner's names are imported from here
 from .build import (build_optimizer, build_plain_model, build_run_model, build_scheduler,  # noqa: F401
                     deterministic_mode, load_data, seed_everything, select_device)
@@ -67,6 +92,9 @@ log = logging.getLogger(__name__)
 
 #: epoch ``e`` of seed ``s`` trains in the order of a permutation drawn with seed ``s * ORDER_STRIDE + e``
 ORDER_STRIDE = 1_000_003
+#: an epoch whose mean training loss exceeds this many times the run's reference loss (its first
+#: training loss, at least ln(num_classes)) has diverged
+DIVERGENCE_FACTOR = 100.0
 
 
 # ---------------------------------------------------------------------------------------- batches
@@ -125,6 +153,22 @@ class _Training:
     history: List[Dict[str, Any]] = field(default_factory=list)
     align_rows: List[Dict[str, Any]] = field(default_factory=list)
     timings: Dict[str, Any] = field(default_factory=lambda: {"epochs": []})
+    first_loss: Optional[float] = None  # the loss of step 0, the untrained model's (checkpointed)
+
+
+def _non_finite(model: nn.Module) -> List[str]:
+    """Names of the parameters and floating buffers of ``model`` holding a NaN or an infinity."""
+    named = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    if not named:
+        return []
+    with torch.no_grad():
+        ok = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()  # one synchronisation
+    return [n for (n, _), good in zip(named, ok.tolist()) if not good]
+
+
+def _one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line (a ConfigError lists its problems on several)."""
+    return " ".join(part.strip() for part in str(error).splitlines() if part.strip())
 
 
 class Run:
@@ -162,7 +206,11 @@ class Run:
                 f"{self.run_dir} holds a run already (checkpoint.pt / results.json). Pass --resume "
                 "(resume=True) to continue it or skip it when finished, or choose another "
                 "experiment.name / output_dir, or delete the folder.")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputDirError(self.run_dir, f"the run's folder cannot be made ({e.strerror or e}); remove what "
+                                 "is in the way or set experiment.output_dir to a writable folder") from None
         write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
         t0 = time.perf_counter()
         with deterministic_mode(self.cfg.experiment.deterministic):
@@ -172,12 +220,34 @@ class Run:
 
     def mark_diverged(self, message: str) -> RunResult:
         """Record the run as diverged, with the history of its last good checkpoint."""
+        return self._mark("diverged", message)
+
+    def mark_failed(self, error: BioExtError) -> RunResult:
+        """Record the run as failed with ``error``'s one-line message. A damaged ``results.json``
+        is left as it is (the message says to delete it), and so are the files of a run folder
+        written with another configuration (:class:`~bio_ext.errors.RunExistsError`); otherwise
+        the results files are written with the history of the last checkpoint (or of
+        ``results.json`` when the checkpoint is damaged)."""
+        keep = isinstance(error, RunExistsError) or (isinstance(error, RunFileError)
+                                                     and Path(error.path) == self.results_path)
+        return self._mark("failed", _one_line(error), write=not keep)
+
+    def _mark(self, status: str, message: str, write: bool = True) -> RunResult:
         history, align_rows, timings = [], [], {"epochs": []}
-        if self.ckpt_path.is_file():
-            ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
-            history, align_rows, timings = ck["history"], ck["alignment"], ck.get("timings", timings)
-        self._write_results("diverged", history, align_rows, timings, message)
-        return RunResult(self.mode, self.seed, self.run_dir, "diverged", history, final_metrics(history), align_rows,
+        try:
+            if self.ckpt_path.is_file():
+                ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+                history, align_rows, timings = ck["history"], ck["alignment"], ck.get("timings", timings)
+            elif self.results_path.is_file():
+                history = json.loads(self.results_path.read_text(encoding="utf-8")).get("history", [])
+        except Exception as e:  # a damaged file: its error is the run's message already
+            log.debug("%s: no history to keep (%s)", self.run_dir, e)
+        if write:
+            try:
+                self._write_results(status, history, align_rows, timings, message)
+            except (OutputDirError, OSError) as e:
+                log.error("%s: the %s run's results cannot be written: %s", self.run_dir, status, e)
+        return RunResult(self.mode, self.seed, self.run_dir, status, history, final_metrics(history), align_rows,
                          message)
 
     # -------------------------------------------------------------- training
@@ -215,19 +285,33 @@ class Run:
         if not self.ckpt_path.is_file():
             log.info("%s: no checkpoint, starting from scratch", self.run_dir)
             return
-        ck = torch.load(self.ckpt_path, map_location=st.device, weights_only=False)
+        fix = "delete it to train this run from scratch (--resume then starts it over)"
+        try:
+            ck = torch.load(self.ckpt_path, map_location=st.device, weights_only=False)
+        except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for a damaged file
+            raise RunFileError(self.ckpt_path, f"is truncated or not a checkpoint ({type(e).__name__}: "
+                               f"{_one_line(e)[:200]}); {fix}") from None
+        if not isinstance(ck, dict) or not {"model", "optimizer", "epoch", "step", "history", "alignment",
+                                            "rng"} <= set(ck):
+            raise RunFileError(self.ckpt_path, f"is not a checkpoint of this runner (no model, optimizer and "
+                               f"progress in it); {fix}")
         if ck.get("config") != self.cfg.to_dict():
             raise RunExistsError(
                 f"{self.ckpt_path} was written with a different configuration; resume it with the "
                 "configuration it was started with, or delete the folder to start over.")
-        st.model.load_state_dict(ck["model"])
-        st.opt.load_state_dict(ck["optimizer"])
-        if st.sched is not None and ck.get("scheduler") is not None:
-            st.sched.load_state_dict(ck["scheduler"])
+        try:
+            st.model.load_state_dict(ck["model"])
+            st.opt.load_state_dict(ck["optimizer"])
+            if st.sched is not None and ck.get("scheduler") is not None:
+                st.sched.load_state_dict(ck["scheduler"])
+            restore(ck["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise RunFileError(self.ckpt_path, f"does not fit this run's model or optimizer ({type(e).__name__}: "
+                               f"{_one_line(e)[:200]}); {fix}") from None
         st.rules.init_norms = ck.get("init_norms", st.rules.init_norms)
         st.epoch, st.step, st.history, st.align_rows = ck["epoch"], ck["step"], ck["history"], ck["alignment"]
         st.timings = ck.get("timings", st.timings)
-        restore(ck["rng"])
+        st.first_loss = ck.get("first_loss")
         log.info("%s: resumed after epoch %d (step %d)", self.run_dir, st.epoch, st.step)
 
     def _epoch(self, st: _Training, epoch: int, tb: Tracker) -> None:
@@ -236,6 +320,7 @@ class Run:
         loss_sum, correct, seen = self._train_epoch(st, epoch, tb)
         row = {"epoch": epoch + 1, "step": st.step, "lr": st.opt.param_groups[0]["lr"],
                "train_loss": loss_sum / max(seen, 1), "train_accuracy": 100.0 * correct / max(seen, 1)}
+        self._check_loss_growth(st, epoch, row["train_loss"])
         if st.sched is not None:
             st.sched.step()
         row.update(self._evaluate(st))
@@ -293,6 +378,8 @@ class Run:
         dt = time.perf_counter() - t_step
         batch_correct = int((out.detach().argmax(1) == y).sum())
         value = float(loss.detach())
+        if st.step == 0:
+            st.first_loss = value
         if log_now:
             tb.scalars({"train/loss": value, "train/accuracy": 100.0 * batch_correct / len(y),
                         "train/lr": st.opt.param_groups[0]["lr"], "train/step_time_ms": 1000.0 * dt}, st.step)
@@ -330,22 +417,51 @@ class Run:
         tb.scalars({f"alignment/{q}/{n}": v for n, qs in layers.items() for q, v in qs.items()}, step)
         return {"step": step, "epoch": epoch + 1, "layers": layers}
 
-    def _nan_message(self, loss, epoch: int, step: int) -> str:
+    def _kept(self, epoch: int) -> str:
+        """What is kept of a run that diverges in epoch ``epoch + 1``."""
         if self.ckpt_path.is_file():
-            where = f"the last good checkpoint, {self.ckpt_path} (after epoch {epoch}), is kept"
-        else:
-            where = "no checkpoint was written yet (it diverged in the first epoch)"
+            return f"the last good checkpoint, {self.ckpt_path} (after epoch {epoch}), is kept"
+        return "no checkpoint was written yet (it diverged in the first epoch)"
+
+    _ADVICE = ("Lower training.optimizer.lr, or try another seed or the mode's options (e.g. "
+               "model.mode.convert.scale).")
+
+    def _nan_message(self, loss, epoch: int, step: int) -> str:
         return (f"{self.mode} seed {self.seed}: the training loss is {float(loss.detach())} at epoch {epoch + 1}, step "
-                f"{step}; training stopped. {where}. Lower training.optimizer.lr, or try another seed or "
-                "the mode's options (e.g. model.mode.convert.scale).")
+                f"{step}; training stopped. {self._kept(epoch)}. {self._ADVICE}")
+
+    def _check_loss_growth(self, st: _Training, epoch: int, train_loss: float) -> None:
+        """Raise TrainingDivergedError when epoch ``epoch + 1``'s mean training loss is above
+        :data:`DIVERGENCE_FACTOR` times the reference (see the module docstring)."""
+        if st.first_loss is None:  # a checkpoint of an older runner: no reference
+            return
+        reference = max(st.first_loss, math.log(max(st.bundle.num_classes, 2)))
+        if train_loss > DIVERGENCE_FACTOR * reference:
+            raise TrainingDivergedError(
+                f"{self.mode} seed {self.seed}: the mean training loss of epoch {epoch + 1} is {train_loss:.4g}, more "
+                f"than {DIVERGENCE_FACTOR:g} times the reference {reference:.4g} (the first step's loss, at least "
+                f"ln(classes)); the run diverged and training stopped. {self._kept(epoch)}. {self._ADVICE}")
+
+    def _check_finite_state(self, st: _Training) -> None:
+        """Raise TrainingDivergedError, before a checkpoint, when a parameter or a floating buffer
+        is not finite (the checkpoint of the epoch before stays the last good one)."""
+        bad = _non_finite(st.model)
+        if bad:
+            names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise TrainingDivergedError(
+                f"{self.mode} seed {self.seed}: after epoch {st.epoch} (step {st.step}) the model's {names} "
+                f"{'is' if len(bad) == 1 else 'are'} not finite (NaN or infinite) although every loss was finite "
+                f"(non-finite gradients or feedback); training stopped. {self._kept(st.epoch - 1)}. {self._ADVICE}")
 
     def _checkpoint(self, st: _Training) -> None:
         """``checkpoint.pt`` after ``st.epoch`` epochs, ``best_model.pt`` when its validation is the
-        best so far, and the results files (status ``running``)."""
+        best so far, and the results files (status ``running``). Never a state that is not finite."""
+        self._check_finite_state(st)
         state = {"format": RESULTS_FORMAT, "epoch": st.epoch, "step": st.step, "model": st.model.state_dict(),
                  "optimizer": st.opt.state_dict(), "scheduler": st.sched.state_dict() if st.sched is not None else None,
                  "rng": capture(all_cuda=True, host=True), "history": st.history, "alignment": st.align_rows,
-                 "init_norms": st.rules.init_norms, "config": self.cfg.to_dict(), "timings": st.timings}
+                 "init_norms": st.rules.init_norms, "config": self.cfg.to_dict(), "timings": st.timings,
+                 "first_loss": st.first_loss}
         atomic_save(state, self.ckpt_path)
         vals = [h["val_accuracy"] for h in st.history if h.get("val_accuracy") is not None]
         if vals and st.history[-1].get("val_accuracy") == max(vals):
@@ -372,7 +488,13 @@ class ExperimentResult:
 
     @property
     def diverged(self) -> List[RunResult]:
+        """Every run that did not finish: diverged or failed."""
         return [r for r in self.runs if r.status != "finished"]
+
+    @property
+    def failed(self) -> List[RunResult]:
+        """The runs a typed error stopped (status ``failed``)."""
+        return [r for r in self.runs if r.status == "failed"]
 
 
 def experiment_dir(cfg: BenchmarkConfig) -> Path:
@@ -386,6 +508,11 @@ def run_experiment(cfg: BenchmarkConfig, *, resume: bool = False, progress: Opti
 
     ``progress``: a tqdm-like factory ``progress(total=..., desc=...)`` for a bar per epoch (the CLI
     passes tqdm). ``on_epoch_end(run, epoch)`` is called after each epoch's checkpoint.
+
+    A run that diverges or fails (a :class:`~bio_ext.errors.BioExtError`) is recorded so and the
+    next one starts; ``summary.md`` is always written. On ``KeyboardInterrupt`` the summary of the
+    runs that ended is written and :class:`~bio_ext.benchmark.errors.SweepInterrupted` raised.
+    The experiment folder not being writable is an :class:`~bio_ext.benchmark.errors.OutputDirError`.
     """
     if not isinstance(cfg, BenchmarkConfig):
         raise TypeError(f"run_experiment expects a BenchmarkConfig (see load_config), got {type(cfg).__name__}")
@@ -403,18 +530,39 @@ def run_experiment(cfg: BenchmarkConfig, *, resume: bool = False, progress: Opti
                 f"{len(taken)} run folder(s) hold results already ({', '.join(taken[:3])}"
                 f"{', ...' if len(taken) > 3 else ''}). Pass --resume (resume=True) to continue unfinished runs "
                 "and skip finished ones, or choose another experiment.name / output_dir.")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputDirError(out, f"the experiment folder cannot be made ({e.strerror or e}); set "
+                             "experiment.output_dir to a writable folder, or remove what is in the way") from None
     write_text(out / "config.yaml", cfg.to_yaml())
-    results = []
-    for run in runs:
-        try:
-            results.append(run.execute(resume=resume))
-        except NonFiniteLossError as e:
-            log.error("%s", e)
-            results.append(run.mark_diverged(str(e)))
+    results: List[RunResult] = []
+    try:
+        for run in runs:
+            try:
+                results.append(run.execute(resume=resume))
+            except NonFiniteLossError as e:
+                log.error("%s", e)
+                results.append(run.mark_diverged(str(e)))
+            except BioExtError as e:
+                log.error("%s seed %d failed: %s", run.mode, run.seed, _one_line(e))
+                results.append(run.mark_failed(e))
+    except KeyboardInterrupt:
+        pending = [f"{r.mode}/seed_{r.seed}" for r in runs[len(results):]]
+        log.info("interrupted: %d of %d run(s) done; writing the summary", len(results), len(runs))
+        partial = _write_summary(cfg, out, results, pending)
+        raise SweepInterrupted(
+            f"interrupted: {len(results)} of {len(runs)} run(s) done, {out / 'summary.md'} written for them; run "
+            "again with --resume to continue the others", partial, pending) from None
+    return _write_summary(cfg, out, results)
+
+
+def _write_summary(cfg: BenchmarkConfig, out: Path, results: List[RunResult],
+                   pending: Sequence[str] = ()) -> ExperimentResult:
+    """``summary.md`` and the figures of ``results`` (``pending``: the runs an interrupt left)."""
     from .plots import plot_accuracy, plot_alignment  # matplotlib only once there is something to draw
     table = summary_table(cfg, results)
-    write_text(out / "summary.md", summary_markdown(cfg, results, table))
+    write_text(out / "summary.md", summary_markdown(cfg, results, table, pending))
     plot_accuracy(results, out / "accuracy.png", title=cfg.experiment.name)
     plot_alignment(results, out / "alignment.png", title=cfg.experiment.name)
     return ExperimentResult(cfg, out, results, table)

@@ -9,16 +9,25 @@ place defaults are defined. Each (sub)section is a frozen dataclass that validat
 raises ONE :class:`~bio_ext.errors.ConfigError` listing every problem with its YAML path,
 e.g. ``training.optimizer.lr: must be > 0, got -1``; unknown keys name the closest valid key.
 
+Numbers: files and ``--override`` values are read by :func:`~bio_ext.benchmark.yamlio.yaml_load`, which resolves plain
+scalars such as ``1e-3`` or ``5E+2`` to floats as YAML 1.2 does (PyYAML follows YAML 1.1 and
+leaves them strings, which ``mode_options`` and ``convert`` would refuse); quoted scalars stay
+strings. ``model.mode.convert.scale`` must be a finite positive number at most
+:data:`MAX_SCALE`, checked here so that ``--check`` refuses what ``convert`` cannot draw.
+
 Sweeps: ``model.mode.type`` may be a list of modes and ``experiment.seeds`` a list of seeds;
 the runner trains every (mode, seed) pair. ``experiment.seed`` (biotorch's single seed) is used
-when ``seeds`` is not given.
+when ``seeds`` is not given. An ``--override`` of ``model.mode.type`` that leaves a mode out of the
+sweep drops the file's ``mode_options`` of that mode, with a note in the log
+(:func:`apply_overrides`); in the file itself, options for a mode it does not train are an error.
+A ``mode_options`` name that is no registered mode at all is always an error.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import os
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -32,6 +41,13 @@ from . import biotorch
 # the table of keys, re-exported: the configuration's names are imported from here
 from .fields import (BLOCKWISE, DEFAULTS, FEEDBACK_SEED_OFFSET, FIELDS, OPTIMIZERS, SCHEDULERS,  # noqa: F401
                      Spec, check_value, defaults_markdown, did_you_mean)
+# reading files and overrides, re-exported: the loading names are imported from here too
+from .yamlio import apply_overrides, read_yaml, yaml_load  # noqa: F401
+
+#: the largest ``model.mode.convert.scale`` taken: the feedback is drawn in float32, whose largest
+#: value is about 3.4e38, as uniform(-b, b) with ``b`` up to ``sqrt(3) * scale``; beyond this bound
+#: drawing it fails (torch's "from is out of bounds") or gives infinite feedback
+MAX_SCALE = 1e37
 
 
 def _d(path: str):
@@ -195,8 +211,12 @@ class ModeConfig(_Section):
         p = self._PATH
         problems = biotorch.option_problems(self.biotorch_options(), f"{p}.options")
         modes = self.modes if all(isinstance(m, str) for m in self.modes) else []
+        registered = list(FIELDS["model.mode.type"].choices()) + list(biotorch.MODE_ALIASES)
         for m in self.mode_options:
-            if m not in modes:
+            if m not in registered:
+                problems.append(f"{p}.mode_options.{m}: {m!r} is not a registered mode; valid modes are "
+                                f"{', '.join(sorted(registered))}{did_you_mean(m, registered)}")
+            elif m not in modes:
                 problems.append(f"{p}.mode_options.{m}: {m!r} is not a mode of this sweep "
                                 f"({', '.join(modes)}){did_you_mean(m, modes)}")
             elif not isinstance(self.mode_options[m], Mapping):
@@ -206,6 +226,7 @@ class ModeConfig(_Section):
             if k not in fields:
                 problems.append(f"{p}.convert.{k}: unknown key{did_you_mean(k, sorted(fields))}; valid keys are "
                                 f"{', '.join(sorted(fields))}")
+        problems += _scale_problems(self.convert, f"{p}.convert.scale")
         return problems
 
     def _where(self, mode: str, key: str) -> str:
@@ -231,6 +252,25 @@ class ModeConfig(_Section):
         except ConfigError as e:
             problems += [f"{self._PATH}.convert.{msg}" for msg in e.problems if not _about_the_mode(msg)]
         return problems
+
+
+def _scale_problems(convert: Mapping[str, Any], path: str) -> List[str]:
+    """A positive ``scale`` that is not finite, or above :data:`MAX_SCALE`, or NaN. ``convert``
+    accepts it and then fails drawing the feedback, after the run's folder exists; a scale <= 0 or
+    not a number is left to ``ConvertConfig``'s own message."""
+    if "scale" not in convert:
+        return []
+    scale = convert["scale"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
+        return []
+    try:
+        value = float(scale)
+    except OverflowError:  # an int beyond float's range
+        value = math.inf
+    if math.isfinite(value) and value <= MAX_SCALE:
+        return []
+    return [f"{path}: must be a finite positive number at most {MAX_SCALE:g} (the feedback is drawn in float32), "
+            f"got {scale!r}"]
 
 
 @dataclass(frozen=True)
@@ -382,7 +422,7 @@ class BenchmarkConfig:
 
     @classmethod
     def from_yaml(cls, text: str) -> "BenchmarkConfig":
-        return cls.from_dict(yaml.safe_load(text) or {})
+        return cls.from_dict(yaml_load(text) or {})
 
     @classmethod
     def from_dict(cls, data: Any) -> "BenchmarkConfig":
@@ -440,53 +480,6 @@ def _build(typ: type, values: Any, path: str, problems: List[str]):
         return None
 
 # ------------------------------------------------------------------------------------------ loading
-
-
-def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
-    """Apply ``key.path=value`` overrides (values parsed as YAML scalars/flow) to a raw document."""
-    data = copy.deepcopy(data)
-    problems = []
-    for item in overrides:
-        if "=" not in item:
-            problems.append(f"--override {item!r}: expected KEY=VALUE, e.g. training.hyperparameters.epochs=2")
-            continue
-        key, raw = item.split("=", 1)
-        parts = [p for p in key.strip().split(".")]
-        if not all(parts):
-            problems.append(f"--override {item!r}: empty key component in {key!r}")
-            continue
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            problems.append(f"--override {item!r}: value is not valid YAML ({e.__class__.__name__})")
-            continue
-        node = data
-        for i, p in enumerate(parts[:-1]):
-            if p not in node or node[p] is None:
-                node[p] = {}
-            elif isinstance(node[p], bool) and ".".join(parts[:i + 1]) == "evaluation":
-                node[p] = {"enabled": node[p]}
-            if not isinstance(node[p], dict):
-                problems.append(f"--override {item!r}: {'.'.join(parts[:i + 1])} is not a section")
-                break
-            node = node[p]
-        else:
-            node[parts[-1]] = value
-    if problems:
-        raise ConfigError(problems, what="overrides")
-    return data
-
-
-def read_yaml(path: str) -> Dict[str, Any]:
-    """Read a YAML file; a missing file or a syntax error is a ConfigError saying so."""
-    if not os.path.isfile(path):
-        raise ConfigError([f"{path}: no such config file"], what="benchmark configuration")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError([f"{path}: not valid YAML: {e}"], what="benchmark configuration") from None
-    return data if data is not None else {}
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> BenchmarkConfig:
