@@ -16,7 +16,6 @@ setup(
     install_requires=[
         "torch>=2.1",
         "torchvision",
-        "biotorch",
         "pyyaml",
         "tensorboard",
         "scikit-learn",
@@ -24,8 +23,11 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.40", "accelerate"],
+        # transformers models (GPT-2's Conv1D, attention, Trainer)
         "hf": ["transformers>=4.40"],
+        # biotorch, for the comparison benchmarks and the compatibility tests (no module of bio_ext imports it)
+        "compare": ["biotorch"],
+        "test": ["pytest>=7", "transformers>=4.40", "accelerate", "biotorch"],
     },
     entry_points={"console_scripts": ["bio-ext-quickstart=bio_ext.quickstart:cli",
                                     "bio-ext-benchmark=bio_ext.benchmark.__main__:main"]},

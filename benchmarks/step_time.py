@@ -104,6 +104,15 @@ def make_step(model: nn.Module, x, y, *, call: Callable = None) -> Callable[[], 
     return step
 
 
+def _has_biotorch() -> bool:
+    """biotorch is the ``[compare]`` extra: without it the script times bio_ext against backprop only."""
+    import importlib.util
+    if importlib.util.find_spec("biotorch") is None:
+        logging.warning("biotorch is not installed (pip install '.[compare]'): its columns are left out")
+        return False
+    return True
+
+
 def biotorch_model(model: nn.Module, mode: str, out_dim: int):
     import contextlib
     import io
@@ -181,7 +190,8 @@ def main(argv=None) -> int:
     for model_name in args.models.split(","):
         shape, batch = INPUTS[model_name]
         times = run(model_name, modes, rounds=args.rounds, per_round=args.per_round, warmup=args.warmup,
-                    device=device, with_biotorch=not args.no_biotorch, with_floor=not args.no_floor)
+                    device=device, with_biotorch=not args.no_biotorch and _has_biotorch(),
+                    with_floor=not args.no_floor)
         bp = times["backprop"]
         print(f"\n## {model_name}, batch {batch}, input {shape}\n")
         print("| variant | ms/step | ratio to backprop |\n|---|---:|---:|")

@@ -35,7 +35,9 @@ MODE_ALIASES = {"backpropagation": "bp"}
 DATASET_ALIASES = {"cifar10_benchmark": "cifar10"}
 ARCH_ALIASES = {"le_net_mnist": "le_net", "le_net_cifar": "le_net"}
 #: biotorch's key -> bio_ext's key of the same section
-KEY_ALIASES = {"training.hyperparameters.num_epochs": "epochs", "model.model_checkpoint": "checkpoint"}
+KEY_ALIASES = {"training.hyperparameters.num_epochs": "epochs", "model.model_checkpoint": "checkpoint",
+               # biotorch's configuration reference names the per-layer angle metric so
+               "training.metrics.weight_alignment": "layer_alignment"}
 #: biotorch's mode options: the runner's, never passed to the mode
 MODE_OPTIONS = ("constrain_weights", "gradient_clip", "init", "scaling_factor")
 INIT_SCHEMES = ("kaiming", "xavier")

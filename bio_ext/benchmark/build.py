@@ -107,8 +107,9 @@ def load_data(cfg: BenchmarkConfig):
 def build_plain_model(cfg: BenchmarkConfig, bundle) -> nn.Module:
     """The model of ``model.architecture`` for the bundle's shape and classes, unconverted (building
     it is also how the model's options are checked before any run starts)."""
+    pretrained = {"pretrained": True} if cfg.model.pretrained else {}
     return build_model(cfg.model.architecture, num_classes=bundle.num_classes, input_shape=bundle.input_shape,
-                       **cfg.model.kwargs)
+                       **cfg.model.kwargs, **pretrained)
 
 
 def build_run_model(cfg: BenchmarkConfig, mode: str, seed: int, bundle) -> nn.Module:

@@ -265,7 +265,7 @@ def _find(root: Optional[str], folder_names: Sequence[str], files: Sequence[str]
     looked = ", ".join(str(c.resolve()) + ("" if c.is_dir() else " (absent)") for c in candidates)
     raise DataNotFoundError(
         f"{what} not found: looked in {looked}. Expected a folder holding exactly these files: "
-        f"{', '.join(files)}. {how}")
+        f"{', '.join(files)}. {how} In a YAML config, set data.dataset_path to that folder.")
 
 
 #: what to do with a damaged data file, said in every DataFileError

@@ -98,8 +98,9 @@ FIELDS: Dict[str, Spec] = {
                                "classification model (`le_net_mnist`/`le_net_cifar`: biotorch's LeNets)",
                                choices=_models, aliases=ARCH_ALIASES),
     "model.kwargs": Spec({}, "mapping", "keyword arguments of the model builder (mlp: `hidden`, `activation`)"),
-    "model.pretrained": Spec(False, "bool", "accepted for biotorch files; must be false (no downloads)",
-                             lambda v: v is False, "false (pretrained weights cannot be downloaded here)"),
+    "model.pretrained": Spec(False, "bool", "torchvision architectures: start from torchvision's default "
+                             "weights (torch.hub's cache, downloaded there when online); the layers whose shape "
+                             "differs, such as the classifier for another number of classes, start fresh"),
     "model.checkpoint": Spec(None, "str?", "a `state_dict` file loaded into the model before conversion",
                              os.path.isfile, "an existing file"),
     "model.mode.type": Spec("bp", "str|list[str]", "mode, or a list of modes to compare "

@@ -57,6 +57,7 @@ import functools
 import inspect
 import logging
 import math
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -328,7 +329,7 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
 
 
 def _torchvision_model(tv_name: str, num_classes: int, input_shape: Tuple[int, ...], *, small_input: bool = False,
-                       **kwargs) -> nn.Module:
+                       pretrained: bool = False, **kwargs) -> nn.Module:
     import torchvision
 
     if len(input_shape) != 3:
@@ -358,12 +359,39 @@ def _torchvision_model(tv_name: str, num_classes: int, input_shape: Tuple[int, .
         raise InvalidOptionError([f"torchvision {tv_name!r} rejected options {sorted(kwargs)}: {e}. Valid options: "
                                   f"small_input (ResNet family), and the keyword arguments of "
                                   f"{_tv_class_params(builder)}"], what=f"options for model {tv_name!r}") from e
+    if pretrained:
+        _load_pretrained(model, tv_name)
     if small_input:
         model.conv1 = nn.Conv2d(c, model.conv1.out_channels, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()
     elif c != 3:
         _replace_first_conv(model, c)
     return model
+
+
+def _load_pretrained(model: nn.Module, tv_name: str) -> None:
+    """torchvision's default weights for ``tv_name``, from torch.hub's cache (downloaded there when the
+    machine has a network); tensors whose shape differs (the classifier, for another number of classes)
+    keep their fresh initialisation, and the log says which."""
+    import torch.hub
+    import torchvision
+    try:
+        weights = torchvision.models.get_model_weights(tv_name).DEFAULT
+    except (ValueError, KeyError, AttributeError) as e:
+        raise InvalidOptionError([f"pretrained: torchvision publishes no weights for {tv_name!r}; set "
+                                  "model.pretrained: false"], what=f"options for model {tv_name!r}") from e
+    file = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=False)
+    except Exception as e:  # noqa: BLE001  (no network, a proxy error, a damaged file...)
+        raise InvalidOptionError([f"pretrained: the weights of {tv_name!r} could not be had ({type(e).__name__}: "
+                                  f"{e}); put {weights.url} at {file}, or set model.pretrained: false"],
+                                 what=f"options for model {tv_name!r}") from e
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    fresh = sorted(set(own) - set(usable))
+    log.info("model %s: pretrained weights from %s; freshly initialised: %s", tv_name, file, fresh or "none")
 
 
 def _tv_class_params(builder) -> str:

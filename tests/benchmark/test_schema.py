@@ -56,8 +56,7 @@ def test_every_problem_of_the_document_is_reported_at_once_with_its_yaml_path():
      "training.lr_scheduler.milestones: must be increasing ints >= 0, got [5, 3]"),
     ({"experiment": {"seeds": [1, 1]}}, "experiment.seeds: must be a non-empty list of distinct ints >= 0, got [1, 1]"),
     ({"model": {"mode": {"type": ["bp", "backpropagation"]}}}, "model.mode.type: lists bp twice"),
-    ({"model": {"pretrained": True}}, "model.pretrained: must be false (pretrained weights cannot be downloaded "
-                                      "here), got True"),
+    ({"model": {"pretrained": "yes"}}, "model.pretrained: must be true or false, got 'yes'"),
     ({"model": {"mode": {"type": "grape", "options": {"feedback_lr": -1}}}},
      "model.mode.options.feedback_lr: must be a finite number >= 0, got -1 (mode grape)"),
     ({"model": {"mode": {"type": ["bp", "grape"], "mode_options": {"grape": {"momentum": 2}}}}},
