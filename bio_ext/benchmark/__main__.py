@@ -18,6 +18,7 @@ import sys
 from typing import List, Optional
 
 from ..errors import BioExtError
+from .progress import cli_progress
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,14 +47,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(cfg.to_yaml(), end="")
             print(f"# valid: {len(cfg.runs())} run(s): {', '.join(f'{m}/seed_{s}' for m, s in cfg.runs())}")
             return 0
-        progress = None
-        if not args.no_progress:
-            from functools import partial
-
-            from tqdm import tqdm
-            # in a terminal the bar redraws in place; in a log file, a line every 30 s at most
-            progress = partial(tqdm, unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True,
-                               mininterval=0.1 if sys.stderr.isatty() else 30.0)
+        # in a terminal the bar redraws in place; in a log file, a line every 30 s at most
+        progress = None if args.no_progress else cli_progress(sys.stderr)
         result = run_experiment(cfg, resume=args.resume, progress=progress)
     except BioExtError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -199,6 +199,11 @@ def _last_update_angles(runs: Sequence[RunResult]) -> str:
     return " / ".join(f"{statistics.mean(v):.1f}" for v in angles.values()) or "-"
 
 
+def format_seconds(v: float) -> str:
+    """Seconds with three significant digits (a quick-start epoch takes a few hundredths of a second)."""
+    return f"{v:#.3g}" if v < 100 else f"{v:.0f}"
+
+
 def summary_table(cfg: BenchmarkConfig, results: Sequence[RunResult]) -> str:
     """Markdown table: per mode, final test (and best validation) accuracy, mean ± sample std over seeds."""
     test_key = "test_accuracy" if cfg.evaluation.enabled else "val_accuracy"
@@ -217,7 +222,7 @@ def summary_table(cfg: BenchmarkConfig, results: Sequence[RunResult]) -> str:
         note = f" ({', '.join(f'{n} {status}' for status, n in not_ok.items())})" if not_ok else ""
         lines.append(f"| {mode} | {len(ok)}{note} | {'/'.join(map(str, epochs)) or '-'} | {_mean_std(acc)} | "
                      f"{_mean_std(best)} | {_mean_std(loss) if loss else '-'} | {_last_update_angles(ok)} | "
-                     f"{f'{statistics.mean(secs):.1f}' if secs else '-'} |")
+                     f"{format_seconds(statistics.mean(secs)) if secs else '-'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -353,7 +353,7 @@ class Run:
                 seen += len(y)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}")
+                    bar.set_postfix(loss=f"{loss:.3f}", refresh=False)  # redrawn at the bar's own pace
         finally:
             if bar is not None:
                 bar.close()
