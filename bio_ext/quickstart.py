@@ -58,7 +58,7 @@ def train_one(mode: str, train, test, *, epochs: int, seed: int, batch: int = 64
             opt.step()
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(mode=mode, loss=f"{loss.item():.3f}")
+            progress.set_postfix(mode=mode, loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
     with torch.no_grad():
         return (model(test[0]).argmax(1) == test[1]).float().mean().item()
@@ -75,10 +75,10 @@ def main(argv=None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         check_mode(m)  # fail fast, with the list of valid modes
-    from tqdm import tqdm
+    from .benchmark.progress import cli_progress
     train, test = load_digits_split()
     results = {}
-    with tqdm(total=args.epochs * len(modes), desc="digits", unit="epoch", file=sys.stderr) as bar:
+    with cli_progress(sys.stderr)(total=args.epochs * len(modes), desc="digits", unit="epoch") as bar:
         for mode in modes:
             t0 = time.perf_counter()
             acc = train_one(mode, train, test, epochs=args.epochs, seed=args.seed, progress=bar)

@@ -13,6 +13,7 @@ line), 2 invalid configuration or input (one line, or the list of problems), 130
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from typing import List, Optional
@@ -48,7 +49,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"# valid: {len(cfg.runs())} run(s): {', '.join(f'{m}/seed_{s}' for m, s in cfg.runs())}")
             return 0
         # in a terminal the bar redraws in place; in a log file, a line every 30 s at most
-        progress = None if args.no_progress else cli_progress(sys.stderr)
+        progress = None if args.no_progress else functools.partial(cli_progress(sys.stderr), unit="batch")
         result = run_experiment(cfg, resume=args.resume, progress=progress)
     except BioExtError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,8 +22,8 @@ class ThrottledLines:
         self.stream, self.interval, self.clock = stream, interval, clock
         self.last: Optional[float] = None
 
-    def __call__(self, total: int = 0, desc: str = "", **_: Any) -> "_Bar":
-        return _Bar(self, total, desc)
+    def __call__(self, total: int = 0, desc: str = "", unit: str = "it", **_: Any) -> "_Bar":
+        return _Bar(self, total, desc, unit)
 
     def maybe_write(self, text: str) -> None:
         now = self.clock()
@@ -34,12 +34,12 @@ class ThrottledLines:
 
 
 class _Bar:
-    def __init__(self, lines: ThrottledLines, total: int, desc: str) -> None:
-        self.lines, self.total, self.desc, self.n, self.postfix = lines, total, desc, 0, ""
+    def __init__(self, lines: ThrottledLines, total: int, desc: str, unit: str) -> None:
+        self.lines, self.total, self.desc, self.unit, self.n, self.postfix = lines, total, desc, unit, 0, ""
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        self.lines.maybe_write(f"{self.desc}: {self.n}/{self.total} batches{self.postfix}")
+        self.lines.maybe_write(f"{self.desc}: {self.n}/{self.total} {self.unit}{self.postfix}")
 
     def set_postfix(self, refresh: bool = False, **values: Any) -> None:
         self.postfix = "".join(f", {k}={v}" for k, v in values.items())
@@ -47,10 +47,16 @@ class _Bar:
     def close(self) -> None:
         pass
 
+    def __enter__(self) -> "_Bar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def cli_progress(stream: TextIO = sys.stderr) -> Callable[..., Any]:
     """The CLI's bar factory for ``stream``: tqdm redrawing in place in a terminal, else :class:`ThrottledLines`."""
     if stream.isatty():
         from tqdm import tqdm
-        return functools.partial(tqdm, unit="batch", leave=False, file=stream, dynamic_ncols=True, mininterval=0.1)
+        return functools.partial(tqdm, leave=False, file=stream, dynamic_ncols=True, mininterval=0.1)
     return ThrottledLines(stream)

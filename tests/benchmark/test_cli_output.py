@@ -28,7 +28,7 @@ training: {{hyperparameters: {{epochs: 3, batch_size: 16}}, metrics: {{layer_ali
     lines = [s for s in re.split(r"[\r\n]+", proc.stderr) if s.strip()]
     allowed = 1 + int(elapsed // 30)  # the first line, then one per 30 s
     assert len(lines) <= allowed, f"{len(lines)} lines on stderr in {elapsed:.0f} s:\n" + "\n".join(lines[:10])
-    assert lines and "batches" in lines[0]
+    assert lines and "batch" in lines[0]
 
 
 def test_seconds_per_epoch_keep_three_significant_digits():
