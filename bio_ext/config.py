@@ -3,15 +3,35 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
-from .errors import ConfigError, UnknownModeError
+from .errors import ConfigError, ConfigTypeError, Problem, UnknownModeError
 from .registry import INIT_SCHEMES, get_mode, mode_names
 
 CONV_ERROR = ("norm", "mean", "sum")
 GRANULARITY = ("layer", "macro", "micro")
 ERROR_AT = ("auto", "output", "head_input")
+
+
+def unknown_keys(given: Iterable[str], valid: Iterable[str], *, kind: str = "key") -> List[Problem]:
+    """A :class:`Problem` per name of ``given`` not in ``valid``, naming the closest valid one (when one is
+    close) and listing them all."""
+    valid = sorted(valid)
+    problems = []
+    for k in sorted(set(given) - set(valid), key=str):
+        close = difflib.get_close_matches(str(k), valid, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        problems.append(Problem(str(k), f"unknown {kind}; {hint}valid {kind}s are {', '.join(valid)}"))
+    return problems
+
+
+def require_bool(name: str, value: Any) -> None:
+    """Refuse a flag that is not True or False (``inplace="yes"`` is not taken as True)."""
+    if not isinstance(value, bool):
+        raise ConfigTypeError([Problem(name, f"must be True or False, got {value!r}")])
 
 
 class RoundTrip:
@@ -28,12 +48,20 @@ class RoundTrip:
     def from_dict(cls, data: Mapping[str, Any]):
         if not isinstance(data, Mapping):
             raise ConfigError([f"expected a mapping, got {type(data).__name__}"], what=cls._WHAT)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError([f"{k}: unknown key; valid keys are {', '.join(sorted(known))}" for k in unknown],
-                              what=cls._WHAT)
+        problems = unknown_keys(data, (f.name for f in dataclasses.fields(cls)))
+        if problems:
+            raise ConfigError(problems, what=cls._WHAT)
         return cls(**dict(data))
+
+    @classmethod
+    def check_keywords(cls, given: Iterable[str], extra: Iterable[str] = (), *, what: str) -> None:
+        """Refuse keyword arguments that are not fields of the config (nor ``extra``) with a
+        :class:`~bio_ext.errors.ConfigTypeError` naming the closest valid one, instead of Python's bare
+        ``TypeError``."""
+        problems = unknown_keys(given, {f.name for f in dataclasses.fields(cls)} - {"mode"} | set(extra),
+                                kind="keyword argument")
+        if problems:
+            raise ConfigTypeError(problems, what=what)
 
     def to_yaml(self) -> str:
         import yaml
@@ -115,15 +143,18 @@ class ConvertConfig(RoundTrip):
             if isinstance(value, str):
                 value = (value,)
             object.__setattr__(self, name, tuple(value) if value is not None else ())
-        object.__setattr__(self, "options", dict(self.options or {}))
-        problems = []
+        options_ok = self.options is None or isinstance(self.options, Mapping)
+        object.__setattr__(self, "options", dict(self.options or {}) if options_ok else self.options)
+        problems = [] if options_ok else [Problem("options", "must be a mapping of the mode's options "
+                                                  f"({{'feedback_lr': 0.05}}), got a {type(self.options).__name__}: "
+                                                  f"{self.options!r}")]
         if not isinstance(self.mode, str) or self.mode not in mode_names():
-            if len(self.validate_rest()) == 0:
+            if len(self.validate_rest()) == 0 and options_ok:
                 raise UnknownModeError(self.mode, mode_names())
             problems.append(f"mode: unknown mode {self.mode!r}; valid modes are: {', '.join(mode_names())}")
         problems.extend(self.validate_rest())
         if problems:
-            raise ConfigError(problems, what="bio_ext configuration")
+            raise (ConfigError if options_ok else ConfigTypeError)(problems, what="bio_ext configuration")
 
     def validate_rest(self):
         problems = []
@@ -132,7 +163,10 @@ class ConvertConfig(RoundTrip):
             problems.append(f"output_dim: must be a positive int or None, got {self.output_dim!r}")
         if self.init not in INIT_SCHEMES:
             problems.append(f"init: {self.init!r} is not one of {', '.join(INIT_SCHEMES)}")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not self.scale > 0:
+        if isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool) \
+                and not math.isfinite(self.scale):
+            problems.append(Problem("scale", f"must be a finite number > 0, got {self.scale!r}"))
+        elif isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not self.scale > 0:
             problems.append(f"scale: must be a positive number, got {self.scale!r}")
         if self.conv_error not in CONV_ERROR:
             problems.append(f"conv_error: {self.conv_error!r} is not one of {', '.join(CONV_ERROR)}")

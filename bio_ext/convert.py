@@ -12,6 +12,7 @@ import fnmatch
 import functools
 import logging
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
@@ -20,7 +21,7 @@ import torch.nn as nn
 
 from . import points as _points
 from ._utils.hooks import remove_hooks
-from .config import ConvertConfig
+from .config import ConvertConfig, require_bool
 from .errors import (AlreadyConvertedError, ConfigError, ConversionError, NothingToConvertError, OutputDimError,
                      UnsupportedModuleError)
 from .layers.base import FeedbackLayer
@@ -187,6 +188,7 @@ def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _as_config(mode, kwargs) -> ConvertConfig:
+    ConvertConfig.check_keywords(kwargs, ("inplace",), what="convert() keyword arguments")
     include, exclude = kwargs.pop("include", ()), kwargs.pop("exclude", ())
     inc_t, exc_t = list(kwargs.pop("include_types", ())), list(kwargs.pop("exclude_types", ()))
 
@@ -231,6 +233,7 @@ def convert(model: nn.Module, mode: Union[str, ConvertConfig] = "dfa", *, output
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedModuleError(f"convert() expects a torch.nn.Module, got {type(model).__name__}")
+    require_bool("inplace", inplace)
     method = get_method(mode) or method_for(mode)
     if method is not None:  # a whole-model method (block-wise local losses)
         return method.apply(model, config=mode if isinstance(mode, method.config_type) else None, inplace=inplace,
@@ -240,6 +243,7 @@ def convert(model: nn.Module, mode: Union[str, ConvertConfig] = "dfa", *, output
     problems = spec.rule.validate_options(cfg.options)
     if problems:
         raise ConfigError(problems, what=f"options of mode {spec.name!r}")
+    _warn_inapplicable(cfg, spec)
 
     converted = [n for n, m in model.named_modules() if isinstance(m, FeedbackLayer)]
     if converted or state_of(model) is not None:
@@ -258,6 +262,26 @@ def convert(model: nn.Module, mode: Union[str, ConvertConfig] = "dfa", *, output
     log.info("converted %s to mode %r (%s granularity, %d layers, %d feedback points)", type(model).__name__,
              spec.name, cfg.granularity, len(state_of(root).layer_names), len(state_of(root).points))
     return root
+
+
+#: options that only direct-family modes read (the error's size and where it is taken, how a convolution
+#: spreads it): a local or bp mode ignores them
+DIRECT_ONLY = ("output_dim", "conv_error", "output_layer", "output_key", "error_at")
+
+
+def _warn_inapplicable(cfg: ConvertConfig, spec: ModeSpec) -> None:
+    """One warning listing the options set away from their defaults that ``spec``'s family ignores.
+
+    A warning, not an error: one benchmark config's convert options are shared by every mode of its
+    sweep (``[fa, dfa]`` with ``conv_error: sum``), and refusing would make such sweeps impossible."""
+    if spec.family == "direct":
+        return
+    default = ConvertConfig()
+    moot = [f"{k}={getattr(cfg, k)!r}" for k in DIRECT_ONLY if getattr(cfg, k) != getattr(default, k)]
+    if moot:
+        warnings.warn(f"{', '.join(moot)} has no effect in mode {spec.name!r} ({spec.family} family: the feedback "
+                      "is transported layer by layer, no output error is projected); it applies to direct modes "
+                      "(dfa, drtp, grape). Leave it unset for this mode.", UserWarning, stacklevel=3)
 
 
 def _config_of(mode, output_dim: Optional[int], options) -> ConvertConfig:

@@ -45,6 +45,12 @@ class ConfigError(BioExtError, ValueError):
         super().__init__(f"invalid {what} ({len(self.problems)} problem(s)):\n{lines}")
 
 
+class ConfigTypeError(ConfigError, TypeError):
+    """Options of the wrong kind: an unknown keyword argument, a non-mapping ``options``, a non-bool flag.
+    A ``TypeError`` as Python raises for these, and a :class:`ConfigError` (a ``ValueError``) as every
+    other option problem."""
+
+
 class UnknownModeError(ConfigError):
     """The requested mode is not registered."""
 

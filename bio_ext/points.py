@@ -68,7 +68,7 @@ class FeedbackPoint:
         d["host"], d["mode_spec"], d["mode_options"], d["width"] = host, mode, dict(options), width
         spec = FeedbackSpec((output_dim, width), width, output_dim, init, scale)
         for name, t in mode.rule.create(like.detach(), spec, generator).items():
-            host.register_buffer(self.PREFIX + name, t)
+            host.register_buffer(self.PREFIX + name, t, persistent=name not in mode.rule.transient_buffers)
 
     def __getattr__(self, name: str):
         host = self.__dict__.get("host")

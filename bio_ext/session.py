@@ -6,7 +6,7 @@ that passes the model's output through :class:`ErrorTap`, an identity whose
 backward sees ``e = dL/d(output)`` before any converted layer's backward runs
 (every converted layer is upstream of the output). On receiving ``e`` the session
 computes the projections of all registered layers at once: one matrix product
-``e @ [B_1 | B_2 | ...]`` against the cached concatenation of their feedback
+``e @ [B_1 | B_2 | ...]`` against the concatenation of their feedback
 matrices, which each layer's backward then slices. Layers whose input needs no
 gradient (the first layer) never register, so they pay nothing.
 
@@ -46,27 +46,64 @@ def reset(token: contextvars.Token) -> None:
 
 
 class FeedbackBank:
-    """Caches the concatenation of the feedback matrices that take part in a step.
+    """Holds the concatenation ``[B_1 | B_2 | ...]`` of the feedback matrices that take part in a step.
 
-    The cache key holds each feedback's storage pointer and version counter, so an
-    in-place update of a feedback (as GrAPE does), a ``.to()`` or a
-    ``load_state_dict`` invalidates it.
+    The concatenation is not a cached copy but the feedbacks' own storage: after building it, the bank
+    moves each feedback tensor (the same tensor object, with ``Tensor.set_``) onto its columns of the
+    concatenated matrix. A write to a feedback by any route (an in-place update as GrAPE's,
+    ``fb.data.copy_(...)``, ``load_state_dict``) is then a write into the matrix the next product uses,
+    so nothing can go stale; a version counter (which ``.data`` writes do not bump) is not needed.
+    :meth:`concat` checks that every feedback still lies where the bank put it (same storage, offset
+    and strides) and rebuilds otherwise (a buffer replaced by another tensor, ``.data = ...``,
+    ``.to()``). The check reads only tensor metadata: no copy per step, and GrAPE's in-place feedback
+    steps no longer force a re-concatenation either. The feedbacks then take no memory beyond the
+    matrix (the old cache held a second copy).
+
+    One feedback needs no concatenation: its ``(rows, K)`` view is returned, nothing is moved. Feedbacks
+    that cannot share one matrix (different dtypes or devices, a tensor registered twice, tensors that
+    require grad) are concatenated afresh at every call.
     """
 
     def __init__(self) -> None:
-        self._key: Any = None
         self._cat: Optional[torch.Tensor] = None
+        self._layout: List[Tuple[Any, int, Tuple[int, ...]]] = []
+
+    def _fresh(self, feedbacks: List[torch.Tensor]) -> bool:
+        cat = self._cat
+        if cat is None or len(feedbacks) != len(self._layout):
+            return False
+        ptr = cat.untyped_storage().data_ptr()
+        for fb, (shape, offset, stride) in zip(feedbacks, self._layout):
+            if (fb.untyped_storage().data_ptr() != ptr or fb.storage_offset() != offset
+                    or fb.stride() != stride or tuple(fb.shape) != shape):
+                return False
+        return True
 
     def concat(self, feedbacks: List[torch.Tensor], rows: int) -> torch.Tensor:
-        key = tuple((fb.data_ptr(), fb._version, fb.dtype, fb.device, tuple(fb.shape)) for fb in feedbacks)
-        if key != self._key:
-            flat = [fb.reshape(rows, -1) for fb in feedbacks]
-            self._cat = flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
-            self._key = key
-        return self._cat
+        if len(feedbacks) == 1:
+            return feedbacks[0].reshape(rows, -1)
+        if self._fresh(feedbacks):
+            return self._cat
+        flat = [fb.detach().reshape(rows, -1) for fb in feedbacks]
+        cat = torch.cat(flat, dim=1)
+        shareable = (len({fb.data_ptr() for fb in feedbacks}) == len(feedbacks)
+                     and len({(fb.dtype, fb.device) for fb in feedbacks}) == 1
+                     and not any(fb.requires_grad for fb in feedbacks))
+        if not shareable:
+            self.clear()
+            return cat
+        self._cat, self._layout = cat, []
+        storage, col = cat.untyped_storage(), 0
+        with torch.no_grad():
+            for fb, f in zip(feedbacks, flat):
+                view = cat[:, col:col + f.shape[1]].view(fb.shape)
+                fb.set_(storage, view.storage_offset(), view.shape, view.stride())
+                self._layout.append((tuple(fb.shape), fb.storage_offset(), fb.stride()))
+                col += f.shape[1]
+        return cat
 
     def clear(self) -> None:
-        self._key, self._cat = None, None
+        self._cat, self._layout = None, []
 
 
 class FeedbackSession:

@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch.autograd import Function
 
 from .._utils.outputs import call, find_output, first_tensor
+from ..config import require_bool
 from ..convert import convert, detach_feedback, is_converted
 from ..errors import ConfigError, ConversionError, FeedbackSignalError, PartitionError, UnsupportedModuleError
 from ..registry import get_mode, register_method
@@ -238,6 +239,8 @@ def blockwise(model: nn.Module, blocks: Optional[int] = None, *, config: Optiona
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedModuleError(f"blockwise() expects a torch.nn.Module, got {type(model).__name__}")
+    BlockwiseConfig.check_keywords(options, ("mode",), what="blockwise() keyword arguments")
+    require_bool("inplace", inplace)
     base = config.to_dict() if config is not None else {}
     if blocks is not None:
         base["blocks"] = blocks

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .._utils.hooks import copy_hooks
-from ..errors import FeedbackSignalError
+from ..errors import ConfigError, FeedbackSignalError, Problem
 from ..functional import project_flat
 from ..modes.base import FeedbackSpec
 from ..registry import ModeSpec
@@ -79,10 +79,14 @@ class FeedbackLayer(nn.Module):
         self.feedback_spec = spec
         rule = self.mode_spec.rule
         for name, t in rule.create(self.weight.detach(), spec, generator).items():
-            self.register_buffer(name, t)
+            self.register_buffer(name, t, persistent=name not in rule.transient_buffers)
         if rule.dynamic:  # valid before the first forward too
             with torch.no_grad():
                 self.feedback = rule.effective(self)
+        for name, t in self._buffers.items():
+            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ConfigError([Problem("scale", f"the {name} of this {type(self).__name__} is not finite with "
+                                           f"scale={spec.scale!r} in {t.dtype}: use a smaller scale")])
 
     def _local_feedback(self) -> torch.Tensor:
         rule = self.mode_spec.rule

@@ -45,6 +45,14 @@ def init_bound(scheme: str, fan_in: int, fan_out: int) -> float:
     raise ConfigError([f"unknown init {scheme!r}; valid: {', '.join(INIT_SCHEMES)}"])
 
 
+def check_scale(magnitude: float, dtype: torch.dtype, scale: float) -> None:
+    """Refuse a ``scale`` whose feedback entries (up to ``magnitude``) would not be finite in ``dtype``."""
+    if not math.isfinite(magnitude) or (dtype.is_floating_point and magnitude > torch.finfo(dtype).max):
+        raise ConfigError([Problem("scale", f"{scale!r} makes feedback entries of about {magnitude:.3g}, which "
+                                   f"overflow {dtype} (max {torch.finfo(dtype).max:.3g} when floating): use a "
+                                   "scale that keeps the feedback finite (scale=1 matches the init's std)")])
+
+
 def random_feedback(
     shape: Tuple[int, ...],
     fan_in: int,
@@ -61,6 +69,7 @@ def random_feedback(
     :func:`init_bound`; ``normal`` is Gaussian with std ``1/sqrt(fan_in)``.
     """
     std = init_bound(scheme, fan_in, fan_out) * scale
+    check_scale(std * 6.0, like.dtype, scale)  # a uniform's bound is std * sqrt(3); a normal's tail ~ 6 std
     out = torch.empty(shape, dtype=like.dtype)
     if scheme == "normal":
         out.normal_(0.0, std, generator=generator)
@@ -121,6 +130,9 @@ class FeedbackRule:
     forward_gradient: bool = False
     #: whether :meth:`error_signal` replaces the output error before it is projected (direct family)
     transforms_error: bool = False
+    #: buffers of :meth:`create` kept out of ``state_dict`` (counters for diagnosis: checkpoints written
+    #: before such a buffer existed still load strictly)
+    transient_buffers: Tuple[str, ...] = ()
 
     def validate_options(self, options: Mapping[str, Any]) -> List[Problem]:
         """Problems with the mode-specific ``options`` (every one)."""

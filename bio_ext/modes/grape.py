@@ -82,6 +82,16 @@ Options (``convert(model, "grape", options={...})``):
 
 After each step every layer holds ``layer.grape_cos``: the mini-batch cosine
 between its projected error and its forward-gradient estimate, before the update.
+
+**Non-finite batches.** The feedback step runs inside ``backward``, before the user's loop can look
+at the loss, so a loop that skips the optimizer step on a NaN/inf loss (GradScaler-style) cannot
+skip it. The step therefore checks that the error ``e``, the estimate ``g_l`` and the cosine's
+gradient are all finite; when one is not, it leaves every buffer (``feedback``,
+``feedback_velocity``, ``feedback_steps``) as it was and adds 1 to ``layer.feedback_skips``
+(a 0-d long buffer, kept out of ``state_dict``: a diagnostic count since the model was built). The
+check is a ``torch.where`` on a 0-d tensor, so it needs no device sync. The cosine divides each
+side by its largest magnitude first, so logits of 1e19 (estimates whose float32 norm overflows)
+give a finite cosine and step.
 """
 
 from __future__ import annotations
@@ -127,9 +137,17 @@ def validate_options(options: Mapping[str, Any]) -> List[Problem]:
 
 
 def batch_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine between two tensors flattened over the whole mini-batch."""
+    """Cosine between two tensors flattened over the whole mini-batch, safe at any scale.
+
+    Each tensor is first divided by its largest magnitude (a constant for autograd: the cosine does not
+    depend on it, so the gradient is unchanged). Without that, ``||g||`` of an estimate that grows with
+    the logits (about 1e18 and more) overflows float32, and the cosine and its gradient become NaN.
+    """
     a, b = a.reshape(-1), b.reshape(-1)
-    return (a @ b) / (a.norm() * b.norm()).clamp_min(torch.finfo(a.dtype).tiny)
+    tiny = torch.finfo(a.dtype).tiny
+    a = a / a.detach().abs().amax().clamp_min(tiny)
+    b = b / b.detach().abs().amax().clamp_min(tiny)
+    return (a @ b) / (a.norm() * b.norm()).clamp_min(tiny)
 
 
 class _Forward:
@@ -164,6 +182,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
     """GrAPE (seed paper, Algorithm 1). See :mod:`bio_ext.modes.grape` for every definition."""
 
     forward_gradient = True
+    transient_buffers = ("feedback_skips",)
 
     def validate_options(self, options):
         return validate_options(options)
@@ -178,6 +197,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
         buffers["feedback_velocity"] = torch.zeros_like(fb)
         buffers["feedback_norm"] = fb.norm().reshape(())
         buffers["feedback_steps"] = torch.zeros((), dtype=torch.long, device=fb.device)
+        buffers["feedback_skips"] = torch.zeros((), dtype=torch.long, device=fb.device)
         return buffers
 
     # ----------------------------------------------------------------- the forward, with tangents
@@ -327,12 +347,28 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             lr, mom, half = opts["feedback_lr"], opts["momentum"], opts["feedback_lr_halflife"]
             if lr == 0:
                 return
-            steps = layer.feedback_steps
-            if half is not None:  # a tensor, so no device sync
-                lr = lr / (1.0 + steps.to(fb.dtype) / half)
-            steps += 1
-            v = layer.feedback_velocity
-            v.mul_(mom).add_(grad.to(v.dtype), alpha=1 - mom)
-            norm0 = layer.feedback_norm
-            fb.add_(v * (lr * norm0 * norm0))
-            fb.mul_(norm0 / fb.norm().clamp_min(torch.finfo(fb.dtype).tiny))
+            apply_step(layer, fb, grad, finite(e, g, grad), lr, mom, half)
+
+
+def finite(*tensors: torch.Tensor) -> torch.Tensor:
+    """Whether every entry of every tensor is finite, as a 0-d bool tensor (no device sync)."""
+    ok = torch.isfinite(tensors[0]).all()
+    for t in tensors[1:]:
+        ok = ok & torch.isfinite(t).all()
+    return ok
+
+
+def apply_step(layer, fb: torch.Tensor, grad: torch.Tensor, ok: torch.Tensor, lr: float, mom: float, half) -> None:
+    """One feedback step (velocity, decayed rate, step, renormalisation to the initial norm) where ``ok``;
+    where not (a non-finite error, estimate or cosine gradient) every buffer is left as it was and
+    ``feedback_skips`` counts the batch. ``torch.where`` selects, so no device sync is needed."""
+    steps, skips, v, norm0 = layer.feedback_steps, layer.feedback_skips, layer.feedback_velocity, layer.feedback_norm
+    if half is not None:  # a tensor, so no device sync
+        lr = lr / (1.0 + steps.to(fb.dtype) / half)
+    new_v = v * mom + grad.to(v.dtype) * (1 - mom)
+    new_fb = fb + new_v * (lr * norm0 * norm0)
+    new_fb = new_fb * (norm0 / new_fb.norm().clamp_min(torch.finfo(fb.dtype).tiny))
+    v.copy_(torch.where(ok, new_v, v))
+    fb.copy_(torch.where(ok, new_fb, fb))
+    steps += ok.to(steps.dtype)
+    skips += (~ok).to(skips.dtype)

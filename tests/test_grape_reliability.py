@@ -1,0 +1,61 @@
+"""GrAPE under hostile inputs (issue 17): a non-finite batch leaves the feedback state untouched and is
+counted, huge logits keep the feedback finite, and the per-backward stepping semantics."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bio_ext
+
+STATE = ("feedback", "feedback_velocity", "feedback_norm", "feedback_steps")
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _state(model):
+    return {(n, k): getattr(layer, k).clone() for n, layer in bio_ext.feedback_layers(model) for k in STATE}
+
+
+@pytest.mark.parametrize("poison", ["nan_input", "inf_loss_scale"])
+def test_a_non_finite_batch_leaves_every_feedback_buffer_untouched_and_is_counted(poison):
+    model = bio_ext.convert(_mlp(), "grape", seed=0)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    F.cross_entropy(model(x), y).backward()  # one good step: velocity and step count are non-trivial
+    before = _state(model)
+    bad, scale = x.clone(), 1.0
+    if poison == "nan_input":
+        bad[3, 1] = float("nan")
+    else:  # an overflowing loss scale (GradScaler's case): the error is inf/NaN, the forward finite
+        scale = float("inf")
+    (F.cross_entropy(model(bad), y) * scale).backward()  # a GradScaler-style loop now skips the optimizer step
+    for key, value in _state(model).items():
+        assert torch.equal(value, before[key]), key
+    stepped = [layer for _, layer in bio_ext.feedback_layers(model) if int(layer.feedback_steps) > 0]
+    assert stepped and all(int(layer.feedback_skips) == 1 for layer in stepped)
+    F.cross_entropy(model(x), y).backward()  # and training goes on from the untouched state
+    for _, layer in bio_ext.feedback_layers(model):
+        assert torch.isfinite(layer.feedback).all()
+    assert all(int(layer.feedback_skips) == 1 and int(layer.feedback_steps) == 2 for layer in stepped)
+
+
+def test_logits_near_1e19_keep_grape_feedback_finite_as_dfa_does():
+    """The estimate grows with the logits; the cosine's norms overflowed float32 (inf, then NaN)."""
+    base = _mlp()
+    with torch.no_grad():
+        base[4].weight.mul_(4e19)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    for mode in ("dfa", "grape"):
+        model = bio_ext.convert(base, mode, seed=0)
+        out = model(x)
+        assert out.abs().max() > 5e18
+        F.cross_entropy(out, y).backward()
+        for name, layer in bio_ext.feedback_layers(model):
+            assert torch.isfinite(layer.feedback).all(), (mode, name)
+            if mode == "grape" and int(layer.feedback_steps):
+                assert torch.isfinite(layer.grape_cos) and layer.grape_cos.abs() > 0, name
+        for n, p in model.named_parameters():
+            assert torch.isfinite(p.grad).all(), (mode, n)
