@@ -12,6 +12,7 @@ from .errors import ConfigError, ConfigTypeError, Problem, UnknownModeError
 from .registry import INIT_SCHEMES, get_mode, mode_names
 
 CONV_ERROR = ("norm", "mean", "sum")
+CONV_FEEDBACK = ("kernel", "dense", "factored")  # = bio_ext.functional.CONV_FEEDBACK
 GRANULARITY = ("layer", "macro", "micro")
 ERROR_AT = ("auto", "output", "head_input")
 
@@ -116,6 +117,18 @@ class ConvertConfig(RoundTrip):
         output_key: where the output tensor is in a tuple (int) or dict/ModelOutput
             (str) output; default ``logits`` for mappings, first tensor for tuples.
         options: mode-specific options.
+        conv_feedback: shape of a Conv2d's direct feedback (direct family): ``kernel`` (default,
+            ``(D, C, kh, kw)`` on the error spread over the output grid), ``dense`` (``(D, C, H, W)``
+            on the padded input grid: Nokland's DFA on the flattened activity) or ``factored``
+            (``Bc[d, c] Bs[d, h, w]``, ``D (C + H W)`` entries). Memory and cost: see
+            :class:`bio_ext.layers.FeedbackConv2d`.
+        input_shape: one example's input shape (e.g. ``(3, 32, 32)``), needed by ``dense`` and
+            ``factored``: convert() runs one probe forward of zeros to learn each Conv2d's input grid
+            and creates the feedback then.
+        tangential: direct family: each layer drops, example by example, the component of its
+            injected input gradient along its input (:func:`bio_ext.functional.tangential`), so
+            the fixed random feedback turns the activity but does not grow it. Evidence:
+            BENCHMARKS.md, "Deep networks: what grows under DFA".
     """
 
     _WHAT = "bio_ext configuration"
@@ -136,8 +149,13 @@ class ConvertConfig(RoundTrip):
     granularity: str = "layer"
     points: Tuple[str, ...] = ()
     options: Mapping[str, Any] = field(default_factory=dict)
+    conv_feedback: str = "kernel"
+    input_shape: Optional[Tuple[int, ...]] = None
+    tangential: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.input_shape, list):
+            object.__setattr__(self, "input_shape", tuple(self.input_shape))
         for name in ("include", "exclude", "include_types", "exclude_types", "points"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -170,6 +188,15 @@ class ConvertConfig(RoundTrip):
             problems.append(f"scale: must be a positive number, got {self.scale!r}")
         if self.conv_error not in CONV_ERROR:
             problems.append(f"conv_error: {self.conv_error!r} is not one of {', '.join(CONV_ERROR)}")
+        if not isinstance(self.conv_feedback, str) or self.conv_feedback not in CONV_FEEDBACK:
+            problems.append(f"conv_feedback: {self.conv_feedback!r} is not one of {', '.join(CONV_FEEDBACK)}")
+        if self.input_shape is not None and (
+                not isinstance(self.input_shape, tuple) or not self.input_shape
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in self.input_shape)):
+            problems.append(f"input_shape: must be one example's shape as positive ints (e.g. [3, 32, 32]) or "
+                            f"None, got {self.input_shape!r}")
+        if not isinstance(self.tangential, bool):
+            problems.append(f"tangential: must be true or false, got {self.tangential!r}")
         if self.error_at not in ERROR_AT:
             problems.append(f"error_at: {self.error_at!r} is not one of {', '.join(ERROR_AT)}")
         if self.granularity not in GRANULARITY:

@@ -14,7 +14,7 @@ import logging
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -118,6 +118,7 @@ def _root_pre_hook(module: nn.Module, args, kwargs):
     session = None
     if torch.is_grad_enabled():
         session = FeedbackSession(state.bank, state.output_dim, state.mode.rule)
+        session.tangential = state.config.tangential
         state.mode.rule.open_forward(session, module, args, kwargs, state.config.options)
     state.stack.append((activate(session), session))
     return None
@@ -224,7 +225,9 @@ def convert(model: nn.Module, mode: Union[str, ConvertConfig] = "dfa", *, output
             ``model`` is left as it was.
         **options: any other field of :class:`ConvertConfig` (``include``,
             ``exclude`` (glob patterns or types), ``init``, ``scale``, ``seed``,
-            ``conv_error``, ``output_key``, ``options``).
+            ``conv_error``, ``conv_feedback`` and ``input_shape`` (the shape of a Conv2d's
+            direct feedback: :class:`bio_ext.layers.conv2d.FeedbackConv2d`), ``tangential``,
+            ``output_key``, ``options``).
 
     The converted layers reuse the original parameter tensors. The training loop
     stays unchanged: ``loss_fn(model(x), y).backward()`` delivers the mode's
@@ -392,11 +395,13 @@ def _convert_planned(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec) -> n
             f"{type(target).__name__} has {len(selected)} layer(s) to convert: there is nothing to perturb. "
             "Use 'dfa' for a single layer, or convert a deeper model.")
     generator = feedback_generator(cfg.seed) if cfg.seed is not None else None
+    grids = _conv_input_grids(target, selected, cfg) if spec.family == "direct" and cfg.conv_feedback != "kernel" \
+        else {}
     new_layers = []
     for name, handler in selected:
         new = handler(target.get_submodule(name) if name else target, spec)
         new.setup_feedback(output_dim=out.dim, init=cfg.init, scale=cfg.scale, generator=generator,
-                           conv_error=cfg.conv_error)
+                           conv_error=cfg.conv_error, conv_feedback=cfg.conv_feedback, input_size=grids.get(name))
         new.mode_options = dict(cfg.options)
         new_layers.append((name, new))
     # every layer is built: nothing below can fail, so the model is never half converted
@@ -423,6 +428,41 @@ def _install(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec, out: _Output
         root.register_forward_pre_hook(_root_pre_hook, with_kwargs=True)
         root.register_forward_hook(_root_hook, always_call=True)
     return root
+
+
+def _conv_input_grids(target: nn.Module, selected, cfg: ConvertConfig) -> Dict[str, Tuple[int, int]]:
+    """``{name: (H, W)}`` of the input each selected Conv2d receives, from one probe forward of zeros of
+    ``cfg.input_shape`` (batch 2, eval mode, no grad, training flags restored): the grid that the
+    ``dense``/``factored`` conv feedback lives on. Empty when ``input_shape`` is None."""
+    if cfg.input_shape is None:
+        return {}
+    grids: Dict[str, Tuple[int, int]] = {}
+    handles = []
+    for name, _ in selected:
+        module = target.get_submodule(name) if name else target
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, name=name: grids.setdefault(name, tuple(args[0].shape[-2:])) and None))
+    if not handles:
+        return grids
+    flags = [(m, m.training) for m in target.modules()]
+    param = next(iter(target.parameters()), None)
+    x = torch.zeros(2, *cfg.input_shape, dtype=param.dtype if param is not None else None,
+                    device=param.device if param is not None else None)
+    try:
+        target.eval()
+        with torch.no_grad():
+            target(x)
+    except Exception as exc:
+        raise ConversionError(
+            f"conv_feedback={cfg.conv_feedback!r}: the probe forward of zeros of input_shape={cfg.input_shape} "
+            f"failed ({type(exc).__name__}: {exc}); pass one example's shape, e.g. (3, 32, 32)") from exc
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags:
+            m.training = flag
+    return grids
 
 
 def detach_feedback(model: nn.Module) -> None:

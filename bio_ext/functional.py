@@ -154,3 +154,72 @@ def fit_rows(p: torch.Tensor, shape: torch.Size, what: str) -> torch.Tensor:
         f"{what}: the output error has {n} rows but this layer's input {tuple(shape)} has {rows}; "
         "direct feedback needs one error row per input row (or per example, with the batch as the "
         "first dimension). Exclude this layer from conversion or use a local mode such as 'fa'.")
+
+
+# --------------------------------------------------------------------------- conv feedback shapes
+
+#: the convolution feedback shapes of the direct family (``convert(..., conv_feedback=...)``)
+CONV_FEEDBACK = ("kernel", "dense", "factored")
+
+
+def conv_feedback_elements(shape: str, output_dim: int, channels: int, kh: int, kw: int, height: int,
+                           width: int) -> int:
+    """Number of entries of one layer's direct feedback ``B`` for each conv feedback shape.
+
+    ``kernel``: ``D C kh kw``; ``dense``: ``D C H W`` (``H x W`` the padded input grid);
+    ``factored``: ``D (C + H W)``. GrAPE keeps a velocity of the same size beside it.
+    """
+    if shape == "kernel":
+        return output_dim * channels * kh * kw
+    if shape == "dense":
+        return output_dim * channels * height * width
+    if shape == "factored":
+        return output_dim * (channels + height * width)
+    raise ValueError(f"unknown conv feedback shape {shape!r}; valid: {', '.join(CONV_FEEDBACK)}")
+
+
+def factored_projection(e: torch.Tensor, feedback: torch.Tensor, channels: int, height: int,
+                        width: int) -> torch.Tensor:
+    """``P[n, c, h, w] = sum_d e[n, d] Bc[d, c] Bs[d, h, w]`` without materialising ``B``.
+
+    ``feedback`` is ``(D, C + H W)``: ``Bc = feedback[:, :C]``, ``Bs = feedback[:, C:]`` (one tensor,
+    so GrAPE steps both factors through the product). Cost ``N D C H W`` multiply-adds (as the dense
+    product) and ``N D C`` extra memory; ``B`` itself (``D C H W``) is never formed.
+    """
+    n = e.shape[0]
+    bc, bs = feedback[:, :channels].to(e.dtype), feedback[:, channels:].to(e.dtype)
+    y = e.unsqueeze(2) * bc.unsqueeze(0)  # (N, D, C)
+    return torch.matmul(y.transpose(1, 2), bs).reshape(n, channels, height, width)
+
+
+def conv_projection(p: torch.Tensor, info: Tuple) -> torch.Tensor:
+    """Map a layer's slice ``p`` of the session's product onto a convolution's (padded) input grid.
+
+    ``info`` is what the layer registered: the kernel shape's spread tuple (see
+    :func:`spread_projection`), ``("dense", C, H, W)`` (``p = e @ B.reshape(D, -1)``, reshaped) or
+    ``("factored", C, H, W, feedback)`` (``p`` is the error itself: see :func:`factored_projection`).
+    """
+    tag = info[0]
+    if tag == "dense":
+        return p.reshape(p.shape[0], *info[1:4])
+    if tag == "factored":
+        return factored_projection(p, info[4], *info[1:4])
+    return spread_projection(p, info)
+
+
+def tangential(g: torch.Tensor, x: torch.Tensor, lead: int = 1) -> torch.Tensor:
+    """``g`` without its component along ``x``, separately for each index of the first ``lead`` dims:
+    ``g_n - (<g_n, x_n> / ||x_n||^2) x_n`` (``x_n = 0`` leaves ``g_n`` as it is).
+
+    Applied to a direct-feedback layer's injected input gradient (``ConvertConfig.tangential``): a step
+    along the result changes the direction of each example's activity at the layer input but, to first
+    order, not its norm, which fixed random feedback otherwise grows without limit (see BENCHMARKS.md,
+    "Deep networks: what grows under DFA").
+    """
+    rows = 1
+    for s in g.shape[:lead]:
+        rows *= s
+    g2, x2 = g.reshape(rows, -1), x.detach().reshape(rows, -1).to(g.dtype)
+    xx = (x2 * x2).sum(1, keepdim=True)
+    coef = (g2 * x2).sum(1, keepdim=True) / xx.clamp_min(torch.finfo(g.dtype).tiny)
+    return (g2 - coef * x2).reshape(g.shape)

@@ -110,7 +110,7 @@ class FeedbackSession:
     """One forward pass of a converted model: the layers waiting for the output error."""
 
     __slots__ = ("bank", "output_dim", "feedbacks", "widths", "proj", "error", "layers", "infos", "rule",
-                 "tangent_only", "rule_state", "point_outputs", "point_slots", "__weakref__")
+                 "tangent_only", "rule_state", "point_outputs", "point_slots", "tangential", "__weakref__")
 
     def __init__(self, bank: FeedbackBank, output_dim: int, rule=None, *, tangent_only: bool = False) -> None:
         self.bank = bank
@@ -131,6 +131,8 @@ class FeedbackSession:
         #: outputs of feedback points (attached to the graph) and their slots, handed to the error tap
         self.point_outputs: List[torch.Tensor] = []
         self.point_slots: List[int] = []
+        #: ConvertConfig.tangential: layers drop the component of their injected signal along their input
+        self.tangential = False
 
     def register(self, feedback: torch.Tensor, layer: Any = None, info: Any = None) -> int:
         """Reserve a slot for a layer whose input needs a gradient; returns the slot."""

@@ -123,6 +123,8 @@ def build_run_model(cfg: BenchmarkConfig, mode: str, seed: int, bundle) -> nn.Mo
     config = cfg.model.mode.convert_config(mode, seed=seed)
     if mode == BLOCKWISE:  # the partition's probe forward gets a batch of the dataset's shape
         return blockwise(model, config=config, example_input=torch.zeros(2, *bundle.input_shape))
+    if config.conv_feedback != "kernel" and config.input_shape is None:  # dense/factored: the dataset's grid
+        return convert(model, config, input_shape=tuple(bundle.input_shape))
     return convert(model, config)
 
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import Function
 
-from ..functional import fit_rows, linear_param_grads
+from ..functional import fit_rows, linear_param_grads, tangential
 from ..modes.base import FeedbackSpec
 from ..registry import ModeSpec, register_layer
 from ..session import current_session
@@ -86,6 +86,8 @@ class LinearDirectFn(Function):
         gx = None
         if need[0]:
             gx = fit_rows(ctx.session.take(ctx.slot), ctx.x_shape, "Linear")
+            if ctx.session.tangential:  # per row (example or token) of the input
+                gx = tangential(gx, x, lead=x.dim() - 1)
         gw, gb = linear_param_grads(g, x, need[1], ctx.has_bias and need[2], ctx.transposed)
         return gx, gw, gb, None, None, None
 

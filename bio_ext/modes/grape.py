@@ -77,8 +77,33 @@ Options (``convert(model, "grape", options={...})``):
     or its weights estimates a different gradient, which the feedback cannot be compared with
     without transporting it back through the layer (i.e. backprop). The option is kept so a
     config states it explicitly; any other value is refused.
+``perturb_layers`` (default ``"all"``)
+    ``"all"``: every layer's input is perturbed in every step, so one directional derivative ``d_n``
+    carries every layer's perturbation and each layer's estimate has the others' as noise (its
+    variance grows with the total perturbed width of the network). ``"cycle"``: one layer per step,
+    in turn (slot ``t mod L`` of step ``t``, ``L`` the layers of the previous step; all of them in the
+    first step): each layer's feedback is updated every ``L`` steps, from an estimate with no other
+    layer's noise in it. Measured (BENCHMARKS.md, "Forward-gradient estimate quality").
 ``keep_estimate`` (default False)
     keep the last ``g_l`` on each layer as ``layer.forward_gradient`` (for analysis).
+
+Convolutions. With the default ``conv_feedback="kernel"`` a Conv2d's projection is
+(nearly) constant over its input grid, so GrAPE cannot align it with a spatially varying gradient
+(frozen weights, 16x16 inputs: cosine 0.04 at a convolution's input after 300 steps at
+feedback_lr 0.3). ``conv_feedback="dense"`` (``(D, C, H, W)``) reaches 0.63 and ``"factored"``
+(``Bc[d, c] Bs[d, h, w]``, the cosine step differentiates through the product, so it turns both
+factors) 0.33-0.37: see :class:`bio_ext.layers.conv2d.FeedbackConv2d` and BENCHMARKS.md ("Convolution
+feedback shapes"). The per-step estimate there is ~89 degrees from the true gradient; what the
+feedback update can use improves with the batch (~sqrt(N)), with ``directions`` (~sqrt(K)) and,
+in deep nets, by not sharing one directional derivative among all layers
+(``perturb_layers="cycle"``), measured in BENCHMARKS.md ("Forward-gradient estimate quality").
+
+Stability on deep ReLU networks without normalisation (VGG-16 at Adam 1e-4): what grows under DFA
+and GrAPE is the activity of the late layers (weights keep their norms), and rescaling a layer's
+injected signal cannot stop it under Adam. Removing, per example, the component of the injected
+signal along the layer's input (``ConvertConfig.tangential``) and the dense shape each cut that
+growth; see BENCHMARKS.md ("Deep networks: what grows under DFA") for the side-by-side runs.
+Neither is the default yet (the evidence is two short epochs on one seed).
 
 After each step every layer holds ``layer.grape_cos``: the mini-batch cosine
 between its projected error and its forward-gradient estimate, before the update.
@@ -97,6 +122,7 @@ give a finite cosine and step.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -109,8 +135,11 @@ from ..session import FeedbackSession, activate, reset
 from .base import register_mode
 from .direct import DirectFeedbackAlignment
 
+#: perturb_layers='cycle': per converted model, [forwards seen, slots of the last forward]
+_CYCLES: "weakref.WeakKeyDictionary[nn.Module, List[int]]" = weakref.WeakKeyDictionary()
+
 DEFAULTS: Dict[str, Any] = {"feedback_lr": 0.05, "feedback_lr_halflife": 500, "momentum": 0.9, "directions": 1,
-                            "perturbation": "input", "keep_estimate": False}
+                            "perturbation": "input", "keep_estimate": False, "perturb_layers": "all"}
 
 
 def validate_options(options: Mapping[str, Any]) -> List[Problem]:
@@ -130,6 +159,8 @@ def validate_options(options: Mapping[str, Any]) -> List[Problem]:
     k = options.get("directions", 1)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         problems.append(Problem("options.directions", f"must be an int >= 1 (tangent directions per step), got {k!r}"))
+    if options.get("perturb_layers", "all") not in ("all", "cycle"):
+        problems.append(Problem("options.perturb_layers", f"'all' or 'cycle', got {options.get('perturb_layers')!r}"))
     if options.get("perturbation", "input") != "input":
         problems.append(Problem("options.perturbation", "only 'input' (the point where feedback is injected) is "
                                 f"implemented, got {options.get('perturbation')!r}"))
@@ -155,7 +186,7 @@ class _Forward:
     the output's tangent, and what the extra tangent directions need and produce."""
 
     __slots__ = ("perturbations", "out_tangent", "examples", "generator", "replay", "replays", "main", "cursor",
-                 "level", "sdpa")
+                 "level", "sdpa", "only_slot", "cycle")
 
     def __init__(self, generator: Optional[torch.Generator] = None, main: Optional[FeedbackSession] = None) -> None:
         self.perturbations: List[Optional[torch.Tensor]] = []
@@ -174,6 +205,10 @@ class _Forward:
         self.cursor = 0
         self.level: Any = None
         self.sdpa: Any = None
+        #: perturb_layers='cycle': the one slot perturbed in this forward (None: all), and the model's
+        #: [forwards seen, slots of the last one]
+        self.only_slot: Optional[int] = None
+        self.cycle: Optional[List[int]] = None
 
 
 @register_mode("grape", family="direct",
@@ -207,6 +242,10 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
         kernels have no tangent formulas); with ``directions`` > 1, keep what replaying the forward needs."""
         fwd = _Forward()
         session.rule_state = fwd
+        if options.get("perturb_layers", "all") == "cycle":
+            fwd.cycle = _CYCLES.setdefault(module, [0, 0])
+            if fwd.cycle[1]:
+                fwd.only_slot = fwd.cycle[0] % fwd.cycle[1]
         directions = options.get("directions", 1)
         if directions > 1:
             device = next(module.parameters()).device
@@ -225,9 +264,13 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             if fwd.cursor >= len(main.layers) or main.layers[fwd.cursor] is not layer:
                 return -1, x
             fwd.cursor += 1
+            main_fwd = main.rule_state
+            if fwd.cursor - 1 >= len(main_fwd.perturbations) or main_fwd.perturbations[fwd.cursor - 1] is None:
+                fwd.perturbations.append(None)  # not perturbed in the real forward either
+                return -1, x
             return -1, self.perturb(session, len(fwd.perturbations), x)
         slot, x = super().enter(session, layer, x, info)
-        if slot >= 0:
+        if slot >= 0 and (fwd.only_slot is None or slot == fwd.only_slot):
             x = self.perturb(session, slot, x)
         return slot, x
 
@@ -257,6 +300,8 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
 
     def close_forward(self, session, module, output) -> None:
         fwd = session.rule_state
+        if fwd.cycle is not None:
+            fwd.cycle[0], fwd.cycle[1] = fwd.cycle[0] + 1, len(session.feedbacks)
         try:
             if fwd.replay is not None and output is not None and fwd.out_tangent is not None:
                 self._replay_directions(session)  # still inside this forward's session and dual level
