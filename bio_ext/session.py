@@ -154,7 +154,13 @@ class FeedbackSession:
             return self.rule.enter(self, layer, x, info)
         if self.tangent_only or not x.requires_grad:
             return -1, x
-        return self.register(layer.feedback, layer, info), x
+        return self.register_layer(layer, info), x
+
+    def register_layer(self, layer: Any, info: Any = None) -> int:
+        """Reserve a slot for ``layer`` with the matrix it adds to the one product (its ``bank_matrix()``
+        where it has one, e.g. a factored convolution's identity; else its feedback)."""
+        matrix = layer.bank_matrix() if hasattr(layer, "bank_matrix") else layer.feedback
+        return self.register(matrix, layer, info)
 
     def receive_error(self, e: torch.Tensor) -> None:
         """Called by :class:`ErrorTap` with ``e`` of shape ``(N, output_dim)``."""

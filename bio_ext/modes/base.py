@@ -161,8 +161,7 @@ class FeedbackRule:
         and return ``(slot, x)``."""
         if session.tangent_only or not x.requires_grad:
             return -1, x
-        matrix = layer.bank_matrix() if hasattr(layer, "bank_matrix") else layer.feedback
-        return session.register(matrix, layer, info), x
+        return session.register_layer(layer, info), x
 
     def on_output(self, session, output: torch.Tensor) -> torch.Tensor:
         """The model's output tensor, before the error tap: returns the tensor to tap."""
