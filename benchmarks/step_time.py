@@ -9,6 +9,11 @@ plus weight gradients with no input-gradient products at all.
     python benchmarks/step_time.py                      # all models, all modes
     python benchmarks/step_time.py --models mlp --modes dfa --rounds 20
     python benchmarks/step_time.py --models mlp --modes grape,grape:directions=2,grape:directions=4
+    python benchmarks/step_time.py --models cnn,resnet18 --modes dfa,dfa:conv_feedback=dense,dfa:conv_feedback=factored
+
+A variant's ``key=value`` pairs are mode options, except the fields of ``bio_ext.ConvertConfig``
+(``conv_feedback``, ``tangential``, ...), which go to ``convert`` itself (the input shape that
+``dense``/``factored`` need is the model's benchmark input).
 """
 
 from __future__ import annotations
@@ -132,14 +137,17 @@ def biotorch_call(mode):
 
 
 def parse_variant(variant: str):
-    """``mode`` or ``mode:key=value:key=value`` (mode options, values read as YAML scalars)."""
+    """``mode`` or ``mode:key=value:key=value`` -> (mode, mode options, convert keywords); values are
+    read as YAML scalars, and keys that are ``ConvertConfig`` fields are convert keywords."""
+    import dataclasses
     import yaml
+    fields = {f.name for f in dataclasses.fields(bio_ext.ConvertConfig)}
     mode, *pairs = variant.split(":")
-    options = {}
+    options, convert_kw = {}, {}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        options[key] = yaml.safe_load(value)
-    return mode, options
+        (convert_kw if key in fields else options)[key] = yaml.safe_load(value)
+    return mode, options, convert_kw
 
 
 def run(model_name: str, modes, *, rounds: int, per_round: int, warmup: int, device: torch.device,
@@ -153,9 +161,11 @@ def run(model_name: str, modes, *, rounds: int, per_round: int, warmup: int, dev
     if with_floor:
         steps["floor"] = make_step(floor_model(base), x, y)
     for variant in modes:
-        mode, options = parse_variant(variant)
-        steps[f"bio_ext {variant}"] = make_step(bio_ext.convert(base, mode, options=options), x, y)
-        if with_biotorch and mode in BIOTORCH_MODES and not options:
+        mode, options, convert_kw = parse_variant(variant)
+        if convert_kw.get("conv_feedback", "kernel") != "kernel":
+            convert_kw.setdefault("input_shape", shape)
+        steps[f"bio_ext {variant}"] = make_step(bio_ext.convert(base, mode, options=options, **convert_kw), x, y)
+        if with_biotorch and mode in BIOTORCH_MODES and not options and not convert_kw:
             try:
                 bt = biotorch_model(base, mode, 10).to(device)
                 fn = make_step(bt, x, y, call=biotorch_call(mode))
