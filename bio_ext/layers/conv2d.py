@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch.autograd import Function
 
 from ..errors import ConversionError, FeedbackSignalError
-from ..functional import (CONV_FEEDBACK, conv2d_input_grad, conv2d_param_grads, conv_feedback_elements, conv_padding,
-                          conv_projection, coverage_matrix, factored_projection, pad_input, project_flat,
+from ..functional import (CONV_FEEDBACK, autocast_inputs, conv2d_input_grad, conv2d_param_grads,
+                          conv_feedback_elements, conv_padding, conv_projection, coverage_matrix, factored_projection, pad_input, project_flat,
                           tangential)
 from ..modes.base import FeedbackSpec, init_bound
 from ..registry import ModeSpec, register_layer
@@ -266,10 +266,12 @@ class FeedbackConv2d(FeedbackLayer):
         xp = pad_input(x, self._pad, self._pad_mode)
         geom = (self.stride, self._conv_pad, self.dilation, self.groups)
         if family == "local":
-            return Conv2dLocalFn.apply(xp, self.weight, self.bias, self._local_feedback(), *geom)
+            xp, w, b = autocast_inputs(xp, self.weight, self.bias)
+            return Conv2dLocalFn.apply(xp, w, b, self._local_feedback(), *geom)
         spread = self._projection_info(xp)
         slot, xp = self._direct_slot(session, xp, spread)
-        return Conv2dDirectFn.apply(xp, self.weight, self.bias, session, slot, *geom, spread)
+        xp, w, b = autocast_inputs(xp, self.weight, self.bias)
+        return Conv2dDirectFn.apply(xp, w, b, session, slot, *geom, spread)
 
     def project_error(self, e: torch.Tensor, feedback: torch.Tensor, info=None) -> torch.Tensor:
         if self.conv_feedback == "factored":

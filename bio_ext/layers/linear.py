@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import Function
 
-from ..functional import fit_rows, linear_param_grads, tangential
+from ..functional import autocast_inputs, fit_rows, linear_param_grads, tangential
 from ..modes.base import FeedbackSpec
 from ..registry import ModeSpec, register_layer
 from ..session import current_session
@@ -123,13 +123,14 @@ class FeedbackLinear(FeedbackLayer):
         family = self.mode_spec.family
         if family == "local" and torch.is_grad_enabled():
             fb = self._local_feedback()
-            w = self.weight.t() if self.transposed else self.weight
-            return LinearLocalFn.apply(x, w, self.bias, fb.t() if self.transposed else fb)
+            x, w, b = autocast_inputs(x, self.weight.t() if self.transposed else self.weight, self.bias)
+            return LinearLocalFn.apply(x, w, b, fb.t() if self.transposed else fb)
         session = current_session() if family == "direct" else None
         if family != "direct" or not feedback_path(session):
             return linear(x, self.weight, self.bias, self.transposed)  # Conv1D: exactly transformers' forward
         slot, x = self._direct_slot(session, x)
-        return LinearDirectFn.apply(x, self.weight, self.bias, session, slot, self.transposed)
+        x, w, b = autocast_inputs(x, self.weight, self.bias)
+        return LinearDirectFn.apply(x, w, b, session, slot, self.transposed)
 
 
 @register_layer(nn.Linear, output_size=lambda m: m.out_features)

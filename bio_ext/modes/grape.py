@@ -278,7 +278,10 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
         """Add a fresh standard-normal perturbation ``u`` to the forward-mode tangent of ``x`` (kept for slot)."""
         fwd = session.rule_state
         primal, tangent = fwAD.unpack_dual(x)
-        u = torch.randn(primal.shape, dtype=primal.dtype, device=primal.device, generator=fwd.generator)
+        # drawn in at least float32 (under autocast the activations are bf16/fp16): the same draws as without
+        # autocast, rounded to the activation's dtype
+        draw = torch.promote_types(primal.dtype, torch.float32)
+        u = torch.randn(primal.shape, dtype=draw, device=primal.device, generator=fwd.generator).to(primal.dtype)
         while len(fwd.perturbations) <= slot:
             fwd.perturbations.append(None)
         fwd.perturbations[slot] = u
@@ -354,8 +357,10 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
         # of a sequence) interact (attention), so a perturbation at token j moves the outputs at other tokens
         ex = fwd.examples or n
 
+        wide = torch.promote_types(e.dtype, torch.float32)  # bf16/fp16 errors (autocast): sums in float32
+
         def per_example(tangent):
-            return (e * tangent.to(e.dtype)).sum(-1).reshape(ex, -1).sum(1)
+            return (e.to(wide) * tangent.to(wide)).sum(-1).reshape(ex, -1).sum(1)
 
         directions = [(fwd.perturbations, per_example(fwd.out_tangent))]
         directions += [(us, per_example(t)) for us, t in fwd.replays if t is not None]
@@ -367,16 +372,20 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             if u.shape[0] != ex or rows % n:
                 continue  # the rows of this input cannot be matched with the examples: no estimate
             shape = (ex,) + (1,) * (u.dim() - 1)
-            terms = [(us[slot] * d.reshape(shape).to(u.dtype)).reshape(n, -1) for us, d in directions
+            terms = [(us[slot].to(wide) * d.reshape(shape)).reshape(n, -1) for us, d in directions
                      if slot < len(us) and us[slot] is not None and us[slot].shape == u.shape]
-            g = (terms[0] if len(terms) == 1 else torch.stack(terms).mean(0)).to(e.dtype)
+            g = terms[0] if len(terms) == 1 else torch.stack(terms).mean(0)
             self.step(layer, e, g, session.infos[slot], {**DEFAULTS, **layer.mode_options})
 
     @staticmethod
     def step(layer, e: torch.Tensor, g: torch.Tensor, info, opts) -> None:
         fb = layer.feedback
-        with torch.enable_grad():
-            b = fb.detach().to(e.dtype).requires_grad_(True)
+        # in the wider of the error's and the feedback's dtypes, autocast off: under mixed precision the error
+        # is bf16/fp16, the feedback (and its step) stays in its own dtype
+        dtype = torch.promote_types(e.dtype, fb.dtype)
+        e, g = e.to(dtype), g.to(dtype)
+        with torch.enable_grad(), torch.autocast(e.device.type, enabled=False):
+            b = fb.detach().to(dtype).requires_grad_(True)
             p = layer.project_error(e.detach(), b, info)
             width = p[0].numel()
             if width != g.shape[1]:
