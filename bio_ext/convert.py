@@ -91,6 +91,7 @@ class BioExtState:
     points: List[str] = field(default_factory=list)
     bank: FeedbackBank = field(default_factory=FeedbackBank)
     stack: List[Any] = field(default_factory=list)
+    untapped: Any = None
 
     def __deepcopy__(self, memo):
         return BioExtState(self.config, self.mode, self.output_dim, list(self.layer_names), self.output_layer,
@@ -119,6 +120,7 @@ def _root_pre_hook(module: nn.Module, args, kwargs):
     if torch.is_grad_enabled():
         session = FeedbackSession(state.bank, state.output_dim, state.mode.rule)
         session.tangential = state.config.tangential
+        session.owner = module
         state.mode.rule.open_forward(session, module, args, kwargs, state.config.options)
     state.stack.append((activate(session), session))
     return None
@@ -135,6 +137,11 @@ def _root_hook(module: nn.Module, args, output):
             session.rule.close_forward(session, module, output)
     finally:
         reset(token)
+        if session is not None:
+            session.close()
+            # an untapped session (a reentrant checkpoint segment holding the output layer, whose recompute
+            # taps it) has no autograd node holding it: kept until the model's next forward
+            state.untapped = None if session.tapped else session
     return None
 
 
