@@ -111,6 +111,7 @@ def state_of(model: nn.Module) -> Optional[BioExtState]:
     return model.__dict__.get(STATE_ATTR)
 
 
+@torch._dynamo.disable  # session logic stays out of torch.compile's graphs (ContextVar, forward-AD levels)
 def _root_pre_hook(module: nn.Module, args, kwargs):
     """Open the forward's feedback session (and let the mode's rule prepare the forward)."""
     state = state_of(module)
@@ -126,6 +127,7 @@ def _root_pre_hook(module: nn.Module, args, kwargs):
     return None
 
 
+@torch._dynamo.disable
 def _root_hook(module: nn.Module, args, output):
     """Close the forward's session (always called, also when the forward raised)."""
     state = state_of(module)

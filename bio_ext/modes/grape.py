@@ -308,6 +308,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             x = self.perturb(session, slot, x)
         return slot, x
 
+    @torch._dynamo.disable  # torch.compile: drawn eagerly from the forward's generator (a graph break)
     def perturb(self, session, slot: int, x: torch.Tensor) -> torch.Tensor:
         """Add a fresh standard-normal perturbation ``u`` to the forward-mode tangent of ``x`` (kept for slot)."""
         fwd = session.rule_state
