@@ -10,10 +10,15 @@ plus weight gradients with no input-gradient products at all.
     python benchmarks/step_time.py --models mlp --modes dfa --rounds 20
     python benchmarks/step_time.py --models mlp --modes grape,grape:directions=2,grape:directions=4
     python benchmarks/step_time.py --models cnn,resnet18 --modes dfa,dfa:conv_feedback=dense,dfa:conv_feedback=factored
+    python benchmarks/step_time.py --compile --models mlp --modes fa,dfa   # compiled vs eager, per variant
 
 A variant's ``key=value`` pairs are mode options, except the fields of ``bio_ext.ConvertConfig``
 (``conv_feedback``, ``tangential``, ...), which go to ``convert`` itself (the input shape that
 ``dense``/``factored`` need is the model's benchmark input).
+
+With ``--compile`` every variant (backprop and each mode) is timed eagerly and as ``torch.compile(model)``
+(``--compile-backend``, default inductor; warm-up steps include the compilation), and the table adds the
+compiled step time and its ratio to the same variant's eager step (below 1: compile helps).
 """
 
 from __future__ import annotations
@@ -150,21 +155,33 @@ def parse_variant(variant: str):
     return mode, options, convert_kw
 
 
+def compiled_steps(steps: Dict[str, Callable[[], None]], models: Dict[str, nn.Module], x, y,
+                   backend: str) -> Dict[str, Callable[[], None]]:
+    """``steps`` plus, for each variant in ``models``, the step of a compiled copy (``name [compiled]``)."""
+    out = dict(steps)
+    for name, model in models.items():
+        out[f"{name} [compiled]"] = make_step(torch.compile(clone(model), backend=backend), x, y)
+    return out
+
+
 def run(model_name: str, modes, *, rounds: int, per_round: int, warmup: int, device: torch.device,
-        with_biotorch: bool, with_floor: bool) -> Dict[str, float]:
+        with_biotorch: bool, with_floor: bool, compile_backend=None) -> Dict[str, float]:
     torch.manual_seed(0)
     base = MODELS[model_name]().to(device)
     shape, batch = INPUTS[model_name]
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     steps: Dict[str, Callable[[], None]] = {"backprop": make_step(clone(base), x, y)}
+    models: Dict[str, nn.Module] = {"backprop": base}
     if with_floor:
         steps["floor"] = make_step(floor_model(base), x, y)
     for variant in modes:
         mode, options, convert_kw = parse_variant(variant)
         if convert_kw.get("conv_feedback", "kernel") != "kernel":
             convert_kw.setdefault("input_shape", shape)
-        steps[f"bio_ext {variant}"] = make_step(bio_ext.convert(base, mode, options=options, **convert_kw), x, y)
+        converted = bio_ext.convert(base, mode, options=options, **convert_kw)
+        steps[f"bio_ext {variant}"] = make_step(converted, x, y)
+        models[f"bio_ext {variant}"] = converted
         if with_biotorch and mode in BIOTORCH_MODES and not options and not convert_kw:
             try:
                 bt = biotorch_model(base, mode, 10).to(device)
@@ -175,9 +192,27 @@ def run(model_name: str, modes, *, rounds: int, per_round: int, warmup: int, dev
                 steps[f"biotorch {mode}"] = fn
             except Exception as exc:  # biotorch is third-party: report, don't die
                 logging.warning("biotorch %s on %s failed: %s: %s", mode, model_name, type(exc).__name__, exc)
+    if compile_backend is not None:
+        steps = compiled_steps(steps, models, x, y, compile_backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return interleaved_medians(steps, rounds=rounds, per_round=per_round, warmup=warmup, device=device)
+
+
+def print_table(times: Dict[str, float], compiled: bool) -> None:
+    bp = times["backprop"]
+    if not compiled:
+        print("| variant | ms/step | ratio to backprop |\n|---|---:|---:|")
+        for name, t in times.items():
+            print(f"| {name} | {t * 1e3:.1f} | {t / bp:.3f} |")
+        return
+    print("| variant | ms/step eager | ratio to backprop | ms/step compiled | compiled / eager |\n|---|---:|---:|---:|---:|")
+    for name, t in times.items():
+        if name.endswith(" [compiled]"):
+            continue
+        c = times.get(f"{name} [compiled]")
+        cells = f"{c * 1e3:.1f} | {c / t:.3f}" if c is not None else "- | -"
+        print(f"| {name} | {t * 1e3:.1f} | {t / bp:.3f} | {cells} |")
 
 
 def main(argv=None) -> int:
@@ -191,6 +226,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-biotorch", action="store_true")
     p.add_argument("--no-floor", action="store_true")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile(model) of every variant")
+    p.add_argument("--compile-backend", default="inductor")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     device = torch.device(args.device)
@@ -201,12 +238,10 @@ def main(argv=None) -> int:
         shape, batch = INPUTS[model_name]
         times = run(model_name, modes, rounds=args.rounds, per_round=args.per_round, warmup=args.warmup,
                     device=device, with_biotorch=not args.no_biotorch and _has_biotorch(),
-                    with_floor=not args.no_floor)
-        bp = times["backprop"]
+                    with_floor=not args.no_floor, compile_backend=args.compile_backend if args.compile else None)
         print(f"\n## {model_name}, batch {batch}, input {shape}\n")
-        print("| variant | ms/step | ratio to backprop |\n|---|---:|---:|")
-        for name, t in times.items():
-            print(f"| {name} | {t * 1e3:.1f} | {t / bp:.3f} |")
+        print_table(times, args.compile)
+        bp = times["backprop"]
         results[model_name] = {k: {"ms": v * 1e3, "ratio": v / bp} for k, v in times.items()}
     if args.json:
         Path(args.json).write_text(json.dumps({"hardware": hardware(), "date": str(datetime.date.today()),

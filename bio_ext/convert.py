@@ -91,6 +91,7 @@ class BioExtState:
     points: List[str] = field(default_factory=list)
     bank: FeedbackBank = field(default_factory=FeedbackBank)
     stack: List[Any] = field(default_factory=list)
+    untapped: Any = None
 
     def __deepcopy__(self, memo):
         return BioExtState(self.config, self.mode, self.output_dim, list(self.layer_names), self.output_layer,
@@ -110,6 +111,7 @@ def state_of(model: nn.Module) -> Optional[BioExtState]:
     return model.__dict__.get(STATE_ATTR)
 
 
+@torch._dynamo.disable  # session logic stays out of torch.compile's graphs (ContextVar, forward-AD levels)
 def _root_pre_hook(module: nn.Module, args, kwargs):
     """Open the forward's feedback session (and let the mode's rule prepare the forward)."""
     state = state_of(module)
@@ -119,11 +121,13 @@ def _root_pre_hook(module: nn.Module, args, kwargs):
     if torch.is_grad_enabled():
         session = FeedbackSession(state.bank, state.output_dim, state.mode.rule)
         session.tangential = state.config.tangential
+        session.owner = module
         state.mode.rule.open_forward(session, module, args, kwargs, state.config.options)
     state.stack.append((activate(session), session))
     return None
 
 
+@torch._dynamo.disable
 def _root_hook(module: nn.Module, args, output):
     """Close the forward's session (always called, also when the forward raised)."""
     state = state_of(module)
@@ -135,6 +139,11 @@ def _root_hook(module: nn.Module, args, output):
             session.rule.close_forward(session, module, output)
     finally:
         reset(token)
+        if session is not None:
+            session.close()
+            # an untapped session (a reentrant checkpoint segment holding the output layer, whose recompute
+            # taps it) has no autograd node holding it: kept until the model's next forward
+            state.untapped = None if session.tapped else session
     return None
 
 

@@ -12,6 +12,26 @@ from .errors import FeedbackSignalError
 _aten_conv_bwd = torch.ops.aten.convolution_backward
 
 
+def autocast_inputs(*tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+    """The inputs of a converted layer's op as autocast would give them to ``F.linear``/``F.conv2d``.
+
+    torch's custom-op guide has a Function whose op autocast casts declare ``cast_inputs`` (a
+    ``torch.amp.custom_fwd``); that decorator is bound to one device type, and the converted layers run on any,
+    so the layers cast here, before ``apply``, with the same rule: inside an autocast region of the first
+    tensor's device, every floating tensor that is not float64 goes to the region's dtype (bf16 on CPU, fp16 or
+    bf16 on CUDA). The Function then sees one dtype in its forward and backward (its saved input, weight and
+    ``grad_output`` agree, so no matmul or oneDNN convolution mixes dtypes), and the weight's gradient reaches
+    the fp32 parameter through the cast's own backward, in the parameter's dtype, as for torch's own layers.
+    Outside autocast the tensors are returned as they are.
+    """
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype not in (dtype, torch.float64)
+                 else t for t in tensors)
+
+
 def project_flat(e: torch.Tensor, feedback: torch.Tensor, info=None) -> torch.Tensor:
     """The error ``e`` (``N x D``) projected with a feedback of ``D`` rows: ``e @ B.reshape(D, -1)``."""
     return e.mm(feedback.reshape(feedback.shape[0], -1))

@@ -47,7 +47,7 @@ from .errors import ConfigError, FeedbackSignalError
 from .functional import project_flat
 from .modes.base import FeedbackSpec
 from .registry import ModeSpec, handler_for, output_size
-from .session import current_session
+from .session import LateInjection, current_session
 
 #: class names of attention modules (a block's attention sub-layer; convert refuses unknown ones)
 ATTENTION_NAME = re.compile(r"attention|attn", re.I)
@@ -92,9 +92,11 @@ class FeedbackPoint:
     project_error = staticmethod(project_flat)
 
     def inject(self, out: torch.Tensor) -> torch.Tensor:
-        session = current_session()
+        session = current_session(self.host)
         if session is None or not (out.requires_grad or session.tangent_only):
             return out
+        if session.closed:
+            return self._recomputed(session, out)
         if out.shape[-1] != self.width:
             raise FeedbackSignalError(
                 f"a feedback point was built for outputs of width {self.width} but its module returned "
@@ -109,13 +111,22 @@ class FeedbackPoint:
         cut = primal.detach()  # the model goes on from here: nothing flows back into the point
         return cut if tangent is None else fwAD.make_dual(cut, tangent)
 
+    def _recomputed(self, session, out: torch.Tensor) -> torch.Tensor:
+        """The point's tensor recomputed by activation checkpointing during the backward (see
+        :meth:`bio_ext.session.FeedbackSession.close`). Injected in the forward (non-reentrant): the model goes
+        on from a detached copy, as it did then, so the recompute saves what the forward saved. Never injected
+        (a reentrant segment ran under no_grad): the recomputed graph gets the projection here."""
+        if any(p is self for p in session.layers):
+            return out.detach()
+        return LateInjection.apply(out, session, session.register_layer(self))
+
     def __repr__(self) -> str:
         return f"FeedbackPoint(width={self.width}, mode={self.mode})"
 
 
 def point_hook(point: FeedbackPoint, module: nn.Module, args, output):
     """Forward hook of a point's host (bound to the point): injects at the host's output."""
-    if current_session() is None:
+    if current_session(module) is None:
         return None
     tensor, put = find_output(output)
     return put(point.inject(tensor))

@@ -18,7 +18,9 @@ with its per-forward state in ``session.rule_state``.
 from __future__ import annotations
 
 import contextvars
-from typing import Any, List, Optional, Tuple
+import threading
+import weakref
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch.autograd import Function
@@ -30,9 +32,47 @@ from .functional import fit_rows
 _CURRENT: contextvars.ContextVar = contextvars.ContextVar("bio_ext_session", default=None)
 
 
-def current_session() -> Optional["FeedbackSession"]:
-    """The session of the converted model whose forward is running (None outside one)."""
-    return _CURRENT.get()
+#: sessions whose forward has closed and whose backward may still recompute part of it (activation
+#: checkpointing); weak, so a session leaves when its autograd graph is freed
+_CLOSED: "weakref.WeakSet[FeedbackSession]" = weakref.WeakSet()
+_CLOSED_LOCK = threading.Lock()
+
+
+def current_session(module: Any = None) -> Optional["FeedbackSession"]:
+    """The session of the converted model whose forward is running (None outside one).
+
+    During a backward (``torch.utils.checkpoint`` recomputing a segment of the forward, either
+    ``use_reentrant``), where no forward is running, it is the closed session that this backward is serving:
+    see :func:`recomputing_session`. ``module`` (the converted layer or output layer asking) tells the
+    sessions of several models apart."""
+    session = _CURRENT.get()
+    if session is None and len(_CLOSED) and torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1:
+        return recomputing_session(module)
+    return session
+
+
+def recomputing_session(module: Any = None) -> Optional["FeedbackSession"]:
+    """The session whose forward activation checkpointing is recomputing, during the backward.
+
+    The recompute runs in the backward's graph task, after the error tap's backward has handed the session the
+    output error (non-reentrant checkpointing, and reentrant segments below the output layer): the session that
+    received its error in this graph task. A reentrant segment that holds the output layer recomputes before
+    the error arrives: then the one closed session still waiting for its error. Several candidates are told
+    apart by ``module`` (the converted model that holds it); if they still cannot be, a
+    :class:`~bio_ext.errors.FeedbackSignalError`: a silently wrong pairing would misroute gradients.
+    """
+    task = torch._C._current_graph_task_id()
+    with _CLOSED_LOCK:
+        live = list(_CLOSED)
+    found = [s for s in live if s.graph_task == task] or [s for s in live if s.error is None]
+    if len(found) > 1 and module is not None:
+        found = [s for s in found if s.owns(module)]
+    if len(found) > 1:
+        raise FeedbackSignalError(
+            f"activation checkpointing recomputed a converted layer during a backward that {len(found)} forwards "
+            "of converted models are waiting for, and bio_ext cannot tell which forward it belongs to; call "
+            "backward() after each forward (or checkpoint each model's forward separately)")
+    return found[0] if found else None
 
 
 def activate(session: Optional["FeedbackSession"]) -> contextvars.Token:
@@ -110,7 +150,8 @@ class FeedbackSession:
     """One forward pass of a converted model: the layers waiting for the output error."""
 
     __slots__ = ("bank", "output_dim", "feedbacks", "widths", "proj", "error", "layers", "infos", "rule",
-                 "tangent_only", "rule_state", "point_outputs", "point_slots", "tangential", "__weakref__")
+                 "tangent_only", "rule_state", "point_outputs", "point_slots", "tangential", "closed", "tapped",
+                 "signal", "late", "graph_task", "owner", "__weakref__")
 
     def __init__(self, bank: FeedbackBank, output_dim: int, rule=None, *, tangent_only: bool = False) -> None:
         self.bank = bank
@@ -133,6 +174,19 @@ class FeedbackSession:
         self.point_slots: List[int] = []
         #: ConvertConfig.tangential: layers drop the component of their injected signal along their input
         self.tangential = False
+        #: the forward has ended (:meth:`close`): a layer that enters now is recomputed by activation
+        #: checkpointing during the backward (see :meth:`enter`)
+        self.closed = False
+        #: the output went through the error tap
+        self.tapped = False
+        #: the signal the feedback projects (the error, or the rule's ``error_signal`` of it), once it arrived
+        self.signal: Optional[torch.Tensor] = None
+        #: projections of slots registered after the error arrived, computed when taken
+        self.late: Dict[int, torch.Tensor] = {}
+        #: the autograd graph task whose backward handed the session its error
+        self.graph_task = -1
+        #: the converted root module whose forward opened the session (None: a method's own session)
+        self.owner: Any = None
 
     def register(self, feedback: torch.Tensor, layer: Any = None, info: Any = None) -> int:
         """Reserve a slot for a layer whose input needs a gradient; returns the slot."""
@@ -150,11 +204,39 @@ class FeedbackSession:
         """A converted layer (or feedback point) is about to use ``x``, the tensor its feedback is injected
         at: returns its slot (-1: none, e.g. the first layer) and ``x`` as the rule wants it (GrAPE adds a
         tangent perturbation)."""
+        if self.closed:  # recomputed by activation checkpointing: a slot of its own, no rule (see close())
+            return (-1 if self.tangent_only or not x.requires_grad else self.register_layer(layer, info)), x
         if self.rule is not None:
             return self.rule.enter(self, layer, x, info)
         if self.tangent_only or not x.requires_grad:
             return -1, x
         return self.register_layer(layer, info), x
+
+    def close(self) -> None:
+        """The forward has ended. The session stays findable (:func:`current_session`) while its backward may
+        recompute part of the forward (``torch.utils.checkpoint``). A layer that enters a closed session gets
+        a new slot, with no rule hook (no GrAPE perturbation, nothing drawn from any generator); its
+        projection ``signal @ B`` is computed only if its backward takes it:
+
+        * non-reentrant checkpointing recomputes only the tensors that the forward's own autograd nodes saved;
+          those nodes, with their slots, compute the gradient, and the recomputed slots are never taken;
+        * reentrant checkpointing ran the segment under ``no_grad`` (its layers never entered) and runs the
+          backward on the recomputed graph: its layers take their new slots, projected with the feedback
+          as it is after this step's update.
+
+        With ``granularity='macro'``/``'micro'`` a block's input is the detached output of the point below it,
+        so a reentrant segment around a block has no input that requires grad, and torch's reentrant
+        checkpointing then gives its parameters no gradient (torch warns "None of the inputs have
+        requires_grad=True"): use ``use_reentrant=False`` there (transformers' default). GrAPE: see
+        :mod:`bio_ext.modes.grape` ("Activation checkpointing").
+        """
+        self.closed = True
+        with _CLOSED_LOCK:
+            _CLOSED.add(self)
+
+    def owns(self, module: Any) -> bool:
+        """Whether ``module`` is part of the model whose forward opened this session."""
+        return self.owner is not None and any(m is module for m in self.owner.modules())
 
     def register_layer(self, layer: Any, info: Any = None) -> int:
         """Reserve a slot for ``layer`` with the matrix it adds to the one product (its ``bank_matrix()``
@@ -165,12 +247,14 @@ class FeedbackSession:
     def receive_error(self, e: torch.Tensor) -> None:
         """Called by :class:`ErrorTap` with ``e`` of shape ``(N, output_dim)``."""
         self.error = e
+        self.graph_task = torch._C._current_graph_task_id()
         if not self.feedbacks:
             self.proj = ()
             return
         if self.rule is not None:
             self.rule.before_projection(self, e)
             e = self.rule.error_signal(e)
+        self.signal = e
         bcat = self.bank.concat(self.feedbacks, self.output_dim)
         if bcat.dtype != e.dtype:
             bcat = bcat.to(e.dtype)
@@ -183,7 +267,15 @@ class FeedbackSession:
                 "a direct-feedback layer needs the output error, but the gradient did not flow "
                 "through the converted model's output. Compute the loss from the model's output "
                 "(loss_fn(model(x), y)), or convert with a feedback-free mode such as 'bp' or 'fa'.")
-        return self.proj[slot]
+        if slot < len(self.proj):
+            return self.proj[slot]
+        hit = self.late.get(slot)
+        if hit is None:  # registered by a recompute after the error arrived (see close())
+            if self.signal is None:
+                self.signal = self.rule.error_signal(self.error) if self.rule is not None else self.error
+            matrix = self.feedbacks[slot].detach().reshape(self.output_dim, -1)
+            hit = self.late[slot] = self.signal.mm(matrix.to(self.signal.dtype))
+        return hit
 
 
 class ErrorTap(Function):
@@ -212,6 +304,23 @@ class ErrorTap(Function):
         return (grad, None, *fed)
 
 
+class LateInjection(Function):
+    """Identity whose backward gives its input the slot's projection instead of the incoming gradient: a feedback
+    point recomputed by reentrant activation checkpointing, which the error tap never saw."""
+
+    @staticmethod
+    def forward(out: torch.Tensor, session: FeedbackSession, slot: int) -> torch.Tensor:
+        return out.view_as(out)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.session, ctx.slot, ctx.shape = inputs[1], inputs[2], inputs[0].shape
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return fit_rows(ctx.session.take(ctx.slot), ctx.shape, "feedback point").to(grad.dtype), None, None
+
+
 # --------------------------------------------------------------------------- the error tap on the output layer
 
 
@@ -222,20 +331,23 @@ def tap_output(output: Any, session: FeedbackSession, output_dim: int, key=None)
         raise OutputDimError(
             f"the model's output has shape {tuple(tensor.shape)} but the feedback was built for "
             f"output_dim={output_dim} (the last dimension); convert with output_dim={tensor.shape[-1] if tensor.dim() else '?'}")
+    if session.closed and session.tapped:  # recomputed by activation checkpointing: tapped already
+        return output
     if session.tangent_only:
         if session.rule is not None:
             session.rule.on_output(session, tensor)
         return output
-    if not tensor.requires_grad or not session.feedbacks:
-        return output
-    if session.rule is not None:
+    if not tensor.requires_grad:  # tapped even with no layer registered yet: a reentrant checkpoint segment
+        return output             # (run under no_grad) registers its layers when it is recomputed
+    if session.rule is not None and not session.closed:
         tensor = session.rule.on_output(session, tensor)
+    session.tapped = True
     return put(ErrorTap.apply(tensor, session, *session.point_outputs))
 
 
 def output_hook(tap: Tuple[int, Any], module, args, output):
     """Forward hook on the output layer (bound to ``(output_dim, output_key)``): taps its output."""
-    session = current_session()
+    session = current_session(module)
     if session is None:
         return None
     return tap_output(output, session, *tap)
@@ -243,7 +355,7 @@ def output_hook(tap: Tuple[int, Any], module, args, output):
 
 def input_tap_hook(tap: Tuple[int, Any], module, args):
     """Forward pre-hook on the output layer for ``error_at='head_input'``: taps its input instead."""
-    session = current_session()
+    session = current_session(module)
     if session is None or not args:
         return None
     return (tap_output(args[0], session, tap[0]), *args[1:])

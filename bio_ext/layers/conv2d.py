@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch.autograd import Function
 
 from ..errors import ConversionError, FeedbackSignalError
-from ..functional import (CONV_FEEDBACK, conv2d_input_grad, conv2d_param_grads, conv_feedback_elements, conv_padding,
-                          conv_projection, coverage_matrix, factored_projection, pad_input, project_flat,
+from ..functional import (CONV_FEEDBACK, autocast_inputs, conv2d_input_grad, conv2d_param_grads,
+                          conv_feedback_elements, conv_padding, conv_projection, coverage_matrix, factored_projection, pad_input, project_flat,
                           tangential)
 from ..modes.base import FeedbackSpec, init_bound
 from ..registry import ModeSpec, register_layer
@@ -75,11 +75,6 @@ class Conv2dDirectFn(Function):
         ctx.save_for_backward(x, weight)
 
     @staticmethod
-    def jvp(ctx, x_t, w_t, b_t, _session, _slot, _stride, _padding, _dilation, _groups, _spread):
-        stride, padding, dilation, groups = ctx.geom
-        return F.conv2d(x_t, ctx.w_fwd.detach(), None, stride, padding, dilation, groups)
-
-    @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geom
@@ -98,6 +93,15 @@ class Conv2dDirectFn(Function):
         gw, gb = conv2d_param_grads(g, x, w, stride, padding, dilation, groups, need[1],
                                     ctx.has_bias and need[2])
         return gx, gw, gb, None, None, None, None, None, None, None
+
+
+class Conv2dDirectJvpFn(Conv2dDirectFn):
+    """:class:`Conv2dDirectFn` with a ``jvp`` (GrAPE's tangents); the plain one has none, for ``torch.compile``."""
+
+    @staticmethod
+    def jvp(ctx, x_t, w_t, b_t, _session, _slot, _stride, _padding, _dilation, _groups, _spread):
+        stride, padding, dilation, groups = ctx.geom
+        return F.conv2d(x_t, ctx.w_fwd.detach(), None, stride, padding, dilation, groups)
 
 
 class FeedbackConv2d(FeedbackLayer):
@@ -260,16 +264,19 @@ class FeedbackConv2d(FeedbackLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         family = self.mode_spec.family
-        session = current_session() if family == "direct" else None
+        session = current_session(self) if family == "direct" else None
         if family == "bp" or not (torch.is_grad_enabled() if family == "local" else feedback_path(session)):
             return nn.Conv2d._conv_forward(self, x, self.weight, self.bias)
         xp = pad_input(x, self._pad, self._pad_mode)
         geom = (self.stride, self._conv_pad, self.dilation, self.groups)
         if family == "local":
-            return Conv2dLocalFn.apply(xp, self.weight, self.bias, self._local_feedback(), *geom)
+            xp, w, b = autocast_inputs(xp, self.weight, self.bias)
+            return Conv2dLocalFn.apply(xp, w, b, self._local_feedback(), *geom)
         spread = self._projection_info(xp)
         slot, xp = self._direct_slot(session, xp, spread)
-        return Conv2dDirectFn.apply(xp, self.weight, self.bias, session, slot, *geom, spread)
+        xp, w, b = autocast_inputs(xp, self.weight, self.bias)
+        fn = Conv2dDirectJvpFn if self.mode_spec.rule.forward_gradient else Conv2dDirectFn
+        return fn.apply(xp, w, b, session, slot, *geom, spread)
 
     def project_error(self, e: torch.Tensor, feedback: torch.Tensor, info=None) -> torch.Tensor:
         if self.conv_feedback == "factored":

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import Function
 
-from ..functional import fit_rows, linear_param_grads, tangential
+from ..functional import autocast_inputs, fit_rows, linear_param_grads, tangential
 from ..modes.base import FeedbackSpec
 from ..registry import ModeSpec, register_layer
 from ..session import current_session
@@ -71,13 +71,8 @@ class LinearDirectFn(Function):
         ctx.transposed = len(inputs) > 5 and inputs[5]
         ctx.has_bias = bias is not None
         ctx.session, ctx.slot, ctx.x_shape = session, slot, x.shape
-        ctx.w_fwd = weight
+        ctx.w_fwd = weight  # for the jvp (LinearDirectJvpFn)
         ctx.save_for_backward(x)
-
-    @staticmethod
-    def jvp(ctx, x_t, w_t, b_t, _session, _slot, _transposed=None):
-        # forward-mode tangents flow through the layer (weights carry none: activity perturbation)
-        return linear(x_t, ctx.w_fwd.detach(), None, ctx.transposed)
 
     @staticmethod
     def backward(ctx, g):
@@ -90,6 +85,16 @@ class LinearDirectFn(Function):
                 gx = tangential(gx, x, lead=x.dim() - 1)
         gw, gb = linear_param_grads(g, x, need[1], ctx.has_bias and need[2], ctx.transposed)
         return gx, gw, gb, None, None, None
+
+
+class LinearDirectJvpFn(LinearDirectFn):
+    """:class:`LinearDirectFn` with a ``jvp``, for modes that carry forward-mode tangents (GrAPE). The plain one
+    has none, so that ``torch.compile`` can trace it (dynamo refuses Functions with a custom ``jvp``)."""
+
+    @staticmethod
+    def jvp(ctx, x_t, w_t, b_t, _session, _slot, _transposed=None):
+        # forward-mode tangents flow through the layer (weights carry none: activity perturbation)
+        return linear(x_t, ctx.w_fwd.detach(), None, ctx.transposed)
 
 
 class FeedbackLinear(FeedbackLayer):
@@ -123,13 +128,15 @@ class FeedbackLinear(FeedbackLayer):
         family = self.mode_spec.family
         if family == "local" and torch.is_grad_enabled():
             fb = self._local_feedback()
-            w = self.weight.t() if self.transposed else self.weight
-            return LinearLocalFn.apply(x, w, self.bias, fb.t() if self.transposed else fb)
-        session = current_session() if family == "direct" else None
+            x, w, b = autocast_inputs(x, self.weight.t() if self.transposed else self.weight, self.bias)
+            return LinearLocalFn.apply(x, w, b, fb.t() if self.transposed else fb)
+        session = current_session(self) if family == "direct" else None
         if family != "direct" or not feedback_path(session):
             return linear(x, self.weight, self.bias, self.transposed)  # Conv1D: exactly transformers' forward
         slot, x = self._direct_slot(session, x)
-        return LinearDirectFn.apply(x, self.weight, self.bias, session, slot, self.transposed)
+        x, w, b = autocast_inputs(x, self.weight, self.bias)
+        fn = LinearDirectJvpFn if self.mode_spec.rule.forward_gradient else LinearDirectFn
+        return fn.apply(x, w, b, session, slot, self.transposed)
 
 
 @register_layer(nn.Linear, output_size=lambda m: m.out_features)

@@ -87,6 +87,25 @@ Options (``convert(model, "grape", options={...})``):
 ``keep_estimate`` (default False)
     keep the last ``g_l`` on each layer as ``layer.forward_gradient`` (for analysis).
 
+Activation checkpointing. The estimate needs forward-mode tangents through the whole forward, and
+activation checkpointing cannot recompute them: torch's forward-mode AD records the tangents' own operations in
+the autograd graph, so a non-reentrant segment's recompute (without tangents) saves other tensors than its
+forward did, and a reentrant segment is a custom Function with no ``jvp``. What is true, and tested
+(tests/test_checkpointing.py):
+
+* transformers' ``gradient_checkpointing_enable()`` (either ``use_reentrant``): GrAPE sees the modules'
+  ``gradient_checkpointing`` flag and runs the forward without tangents, with a warning: every layer gets DFA's
+  projection of its current feedback, and no feedback is updated (the gradients equal DFA's with that
+  feedback);
+* ``torch.utils.checkpoint(..., use_reentrant=False)`` around converted layers: a
+  :class:`~bio_ext.errors.FeedbackSignalError` at the first layer inside the segment, naming the fixes;
+* ``use_reentrant=True``: the segment runs under ``no_grad``, so its layers are neither perturbed nor stepped
+  and get DFA's projection when the backward recomputes them; a tangent from a layer before the segment
+  reaching it raises torch's "You must implement the jvp function" error.
+
+Perturbations are drawn from a generator of each forward's own, seeded by one draw from the global RNG at the
+start of the forward, so dropout inside the forward sees the same stream whether or not layers perturb.
+
 Convolutions. With the default ``conv_feedback="kernel"`` a Conv2d's projection is
 (nearly) constant over its input grid, so GrAPE cannot align it with a spatially varying gradient
 (frozen weights, 16x16 inputs: cosine 0.04 at a convolution's input after 300 steps at
@@ -122,6 +141,7 @@ give a finite cosine and step.
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -130,7 +150,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 
 from .._utils import rng
-from ..errors import Problem
+from ..errors import FeedbackSignalError, Problem
 from ..session import FeedbackSession, activate, reset
 from .base import register_mode
 from .direct import DirectFeedbackAlignment
@@ -186,7 +206,7 @@ class _Forward:
     the output's tangent, and what the extra tangent directions need and produce."""
 
     __slots__ = ("perturbations", "out_tangent", "examples", "generator", "replay", "replays", "main", "cursor",
-                 "level", "sdpa", "only_slot", "cycle")
+                 "level", "sdpa", "only_slot", "cycle", "off")
 
     def __init__(self, generator: Optional[torch.Generator] = None, main: Optional[FeedbackSession] = None) -> None:
         self.perturbations: List[Optional[torch.Tensor]] = []
@@ -209,6 +229,8 @@ class _Forward:
         #: [forwards seen, slots of the last one]
         self.only_slot: Optional[int] = None
         self.cycle: Optional[List[int]] = None
+        #: no tangents in this forward (activation checkpointing): the step is DFA's, the feedback stays
+        self.off = False
 
 
 @register_mode("grape", family="direct",
@@ -242,15 +264,23 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
         kernels have no tangent formulas); with ``directions`` > 1, keep what replaying the forward needs."""
         fwd = _Forward()
         session.rule_state = fwd
+        if module.training and any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules()):
+            warnings.warn(CHECKPOINTING_WARNING, UserWarning, stacklevel=2)
+            fwd.off = True
+            return
         if options.get("perturb_layers", "all") == "cycle":
             fwd.cycle = _CYCLES.setdefault(module, [0, 0])
             if fwd.cycle[1]:
                 fwd.only_slot = fwd.cycle[0] % fwd.cycle[1]
+        # the perturbations come from a generator of the forward's own, seeded by one draw from the global RNG
+        # here: the global stream inside the forward (dropout) is then the same whether or not a layer draws a
+        # perturbation, so activation checkpointing's recompute (which restores the RNG and draws no
+        # perturbation) recomputes the same dropout masks, and extra tangent directions can replay it
         directions = options.get("directions", 1)
+        device = next(module.parameters()).device
+        seed = int(torch.randint(0, 2 ** 62, (1,)))
+        fwd.generator = torch.Generator(device=device).manual_seed(seed)
         if directions > 1:
-            device = next(module.parameters()).device
-            seed = int(torch.randint(0, 2 ** 62, (1,)))
-            fwd.generator = torch.Generator(device=device).manual_seed(seed)
             fwd.replay = (module, args, kwargs, rng.capture(device), directions, device)
         from torch.nn.attention import SDPBackend, sdpa_kernel
         fwd.sdpa = sdpa_kernel([SDPBackend.MATH])
@@ -259,6 +289,10 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
 
     def enter(self, session, layer, x, info=None):
         fwd = session.rule_state
+        if fwd.off:
+            return super().enter(session, layer, x, info)
+        if not session.tangent_only and in_checkpoint():
+            raise FeedbackSignalError(CHECKPOINTING_ERROR)
         if session.tangent_only:  # a replay perturbs the layers the real forward registered, in order
             main = fwd.main
             if fwd.cursor >= len(main.layers) or main.layers[fwd.cursor] is not layer:
@@ -274,11 +308,15 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             x = self.perturb(session, slot, x)
         return slot, x
 
+    @torch._dynamo.disable  # torch.compile: drawn eagerly from the forward's generator (a graph break)
     def perturb(self, session, slot: int, x: torch.Tensor) -> torch.Tensor:
         """Add a fresh standard-normal perturbation ``u`` to the forward-mode tangent of ``x`` (kept for slot)."""
         fwd = session.rule_state
         primal, tangent = fwAD.unpack_dual(x)
-        u = torch.randn(primal.shape, dtype=primal.dtype, device=primal.device, generator=fwd.generator)
+        # drawn in at least float32 (under autocast the activations are bf16/fp16): the same draws as without
+        # autocast, rounded to the activation's dtype
+        draw = torch.promote_types(primal.dtype, torch.float32)
+        u = torch.randn(primal.shape, dtype=draw, device=primal.device, generator=fwd.generator).to(primal.dtype)
         while len(fwd.perturbations) <= slot:
             fwd.perturbations.append(None)
         fwd.perturbations[slot] = u
@@ -287,6 +325,8 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
     def on_output(self, session, output):
         """Keep the output's tangent; the loss is computed from the primal, without tangents."""
         fwd = session.rule_state
+        if fwd.off:
+            return output
         primal, tangent = fwAD.unpack_dual(output)
         out_tangent = None if tangent is None else tangent.detach().reshape(-1, session.output_dim).clone()
         if session.tangent_only:
@@ -300,6 +340,8 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
 
     def close_forward(self, session, module, output) -> None:
         fwd = session.rule_state
+        if fwd.off:
+            return
         if fwd.cycle is not None:
             fwd.cycle[0], fwd.cycle[1] = fwd.cycle[0] + 1, len(session.feedbacks)
         try:
@@ -354,8 +396,10 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
         # of a sequence) interact (attention), so a perturbation at token j moves the outputs at other tokens
         ex = fwd.examples or n
 
+        wide = torch.promote_types(e.dtype, torch.float32)  # bf16/fp16 errors (autocast): sums in float32
+
         def per_example(tangent):
-            return (e * tangent.to(e.dtype)).sum(-1).reshape(ex, -1).sum(1)
+            return (e.to(wide) * tangent.to(wide)).sum(-1).reshape(ex, -1).sum(1)
 
         directions = [(fwd.perturbations, per_example(fwd.out_tangent))]
         directions += [(us, per_example(t)) for us, t in fwd.replays if t is not None]
@@ -367,16 +411,20 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             if u.shape[0] != ex or rows % n:
                 continue  # the rows of this input cannot be matched with the examples: no estimate
             shape = (ex,) + (1,) * (u.dim() - 1)
-            terms = [(us[slot] * d.reshape(shape).to(u.dtype)).reshape(n, -1) for us, d in directions
+            terms = [(us[slot].to(wide) * d.reshape(shape)).reshape(n, -1) for us, d in directions
                      if slot < len(us) and us[slot] is not None and us[slot].shape == u.shape]
-            g = (terms[0] if len(terms) == 1 else torch.stack(terms).mean(0)).to(e.dtype)
+            g = terms[0] if len(terms) == 1 else torch.stack(terms).mean(0)
             self.step(layer, e, g, session.infos[slot], {**DEFAULTS, **layer.mode_options})
 
     @staticmethod
     def step(layer, e: torch.Tensor, g: torch.Tensor, info, opts) -> None:
         fb = layer.feedback
-        with torch.enable_grad():
-            b = fb.detach().to(e.dtype).requires_grad_(True)
+        # in the wider of the error's and the feedback's dtypes, autocast off: under mixed precision the error
+        # is bf16/fp16, the feedback (and its step) stays in its own dtype
+        dtype = torch.promote_types(e.dtype, fb.dtype)
+        e, g = e.to(dtype), g.to(dtype)
+        with torch.enable_grad(), torch.autocast(e.device.type, enabled=False):
+            b = fb.detach().to(dtype).requires_grad_(True)
             p = layer.project_error(e.detach(), b, info)
             width = p[0].numel()
             if width != g.shape[1]:
@@ -393,6 +441,24 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             if lr == 0:
                 return
             apply_step(layer, fb, grad, finite(e, g, grad), lr, mom, half)
+
+
+CHECKPOINTING_WARNING = (
+    "GrAPE under transformers' gradient checkpointing: the forward carries no forward-mode tangents (activation "
+    "checkpointing cannot recompute them), so these steps train with DFA's projection of the current feedback and "
+    "the feedback is not updated. Disable gradient checkpointing for GrAPE's feedback to turn.")
+CHECKPOINTING_ERROR = (
+    "mode 'grape' carries forward-mode tangents through the forward, and torch.utils.checkpoint cannot recompute "
+    "them (its recompute would save other tensors than the forward did). Checkpoint the model with transformers' "
+    "gradient_checkpointing_enable() (GrAPE then trains with DFA's projection and leaves its feedback as it is), "
+    "use mode 'dfa', or do not checkpoint the converted layers.")
+
+
+def in_checkpoint() -> bool:
+    """Whether a non-reentrant ``torch.utils.checkpoint`` segment is running (its saved-tensor hooks are on top)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if top is not None else None
+    return bool(hooks) and getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook.")
 
 
 def finite(*tensors: torch.Tensor) -> torch.Tensor:
