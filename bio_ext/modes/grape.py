@@ -136,8 +136,13 @@ Stability on deep ReLU networks without normalisation (VGG-16 at Adam 1e-4): wha
 and GrAPE is the activity of the late layers (weights keep their norms), and rescaling a layer's
 injected signal cannot stop it under Adam. Removing, per example, the component of the injected
 signal along the layer's input (``ConvertConfig.tangential``) and the dense shape each cut that
-growth; see BENCHMARKS.md ("Deep networks: what grows under DFA") for the side-by-side runs.
-Neither is the default yet (the evidence is two short epochs on one seed).
+growth; see BENCHMARKS.md ("Deep networks: what grows under DFA" and "... second round") for the
+side-by-side runs. Neither is the default: on VGG-16 ``tangential`` slows the growth without stopping
+it, and ``factored`` + ``tangential`` stops it but learns nothing in 64 steps. In those first steps
+GrAPE is DFA with a slowly turning feedback (its cosine with the estimate stays within 0.015 of 0 in
+every VGG-16 layer, with either ``feedback_target``), so it inherits DFA's divergence; what the seed's
+Table 2 needs, feedback that has aligned before the classifier's activity explodes, is not reached
+at the step counts measured here.
 
 After each step every layer holds ``layer.grape_cos``: the mini-batch cosine
 between its projected error and its forward-gradient estimate, before the update.
