@@ -146,7 +146,7 @@ def alignment(model: nn.Module, x, y, loss_fn: Optional[LossFn] = None) -> Dict[
             est = m.__dict__.get("forward_gradient")
             if est is not None:
                 extra.setdefault(n, {})["_est"] = est
-        plain = revert(copy.deepcopy(probe))
+        plain = revert(probe)  # a reverted copy
         for p in plain.parameters():
             p.grad = None
         true_in = input_gradients(plain, x, y, loss_fn)

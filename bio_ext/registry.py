@@ -120,7 +120,8 @@ class ModeSpec:
 @dataclass(frozen=True)
 class MethodSpec:
     """A registered whole-model method: ``apply(model, config=config_or_None, inplace=..., **options)``
-    builds it, ``revert(model)`` (in place) undoes it; :func:`bio_ext.revert` calls every method's."""
+    builds it, ``revert(model)`` (in place) undoes it; :func:`bio_ext.revert` calls every method's (on
+    its own copy unless ``inplace=True``)."""
 
     name: str
     apply: Callable[..., Any]

@@ -375,7 +375,7 @@ def test_wrapping_leaves_the_model_untouched_and_revert_restores_it():
     torch.testing.assert_close(w(x), model(x))  # main path only, same output
     w.train()
     params = [p for n, p in w.named_parameters() if not n.startswith("bio_ext_aux_heads")]
-    r = bio_ext.revert(w)
+    r = bio_ext.revert(w, inplace=True)
     assert not hasattr(r, "bio_ext_aux_heads") and not bio_ext.blockwise.is_blockwise(r)
     assert all(a is b for a, b in zip(params, r.parameters()))
     assert sorted(before) == sorted(r.state_dict())
@@ -388,6 +388,20 @@ def test_failed_inplace_wrap_leaves_the_model_untouched():
         bio_ext.blockwise(model, 9, inplace=True)
     assert not hasattr(model, "bio_ext_aux_heads")
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+def test_revert_gives_a_plain_copy_and_the_wrapped_model_keeps_its_local_losses():
+    torch.manual_seed(0)
+    w = bio_ext.blockwise(mlp(), 2)
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 5, (8,))
+    plain = bio_ext.revert(w)
+    assert bio_ext.blockwise.is_blockwise(w) and not bio_ext.blockwise.is_blockwise(plain)
+    assert not any("aux" in n for n, _ in plain.named_parameters())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in plain.modules())
+    torch.testing.assert_close(plain(x), w(x))
+    bio_ext.blockwise.train_step(w, x, y, nn.functional.cross_entropy)
+    assert len(bio_ext.blockwise.local_losses(w)) == 2
+    assert all(p.grad is not None for p in w.get_submodule(aux_prefix(w)).parameters())
 
 
 def test_wrapped_model_refuses_deepcopy_and_names_revert():

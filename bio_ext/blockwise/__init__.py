@@ -7,7 +7,7 @@ modules: :mod:`~.config` (the options), :mod:`~.partition` (spine, probe, balanc
 
     model = bio_ext.blockwise(model, blocks=4)          # a wrapped copy; model itself is untouched
     loss = loss_fn(model(x), y); loss.backward()         # unchanged loop
-    plain = bio_ext.revert(model)                        # same parameters, auxiliary heads dropped
+    plain = bio_ext.revert(model)                        # a plain copy, auxiliary heads dropped
 
 What it does
 ------------

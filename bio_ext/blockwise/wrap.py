@@ -16,7 +16,7 @@ from torch.autograd import Function
 
 from .._utils.outputs import call, find_output, first_tensor
 from ..config import require_bool
-from ..convert import convert, detach_feedback, is_converted
+from ..convert import REVERT_COPY, convert, detach_feedback, is_converted
 from ..errors import ConfigError, ConversionError, FeedbackSignalError, PartitionError, UnsupportedModuleError
 from ..registry import get_mode, register_method
 from ..session import FeedbackBank, FeedbackSession, activate, reset
@@ -89,7 +89,20 @@ class BlockwiseState:
 
     def __getstate__(self):
         raise TypeError("a blockwise-wrapped model cannot be deep-copied or pickled: save model.state_dict(), or "
-                        "bio_ext.revert(model) first and wrap the copy")
+                        "wrap a copy of the original (bio_ext.revert(model) gives a plain copy)")
+
+    def __deepcopy__(self, memo):
+        """Refused (as pickling), except inside :func:`bio_ext.revert`'s copy, which is unwrapped straight away:
+        there the copy keeps what :func:`unwrap` reads (the handles and heads, mapped onto the copied model)."""
+        if not memo.get(REVERT_COPY):
+            self.__getstate__()
+        new = BlockwiseState.__new__(BlockwiseState)
+        memo[id(self)] = new
+        new.__dict__.update(vars(BlockwiseState(self.config, self.partition, self.aux, self.converted)))
+        new.aux = copy.deepcopy(self.aux, memo)
+        new.handles = copy.deepcopy(self.handles, memo)
+        new.aux_prefix = self.aux_prefix
+        return new
 
 
 def state_of(model: nn.Module) -> Optional[BlockwiseState]:
@@ -235,7 +248,8 @@ def blockwise(model: nn.Module, blocks: Optional[int] = None, *, config: Optiona
 
     Returns the wrapped model: its forward returns what the original returned; the auxiliary
     heads are the submodule ``bio_ext_aux_heads`` (so ``model.parameters()`` includes them);
-    ``bio_ext.revert(model)`` removes them and every hook. The model is left unchanged on error.
+    ``bio_ext.revert(model)`` gives a plain copy without them and without any hook (``inplace=True``: removes
+    them from the wrapped model itself). The model is left unchanged on error.
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedModuleError(f"blockwise() expects a torch.nn.Module, got {type(model).__name__}")
@@ -248,7 +262,8 @@ def blockwise(model: nn.Module, blocks: Optional[int] = None, *, config: Optiona
     base.pop("mode", None)
     cfg = BlockwiseConfig(**base)
     if is_blockwise(model):
-        raise ConversionError("the model is wrapped by bio_ext.blockwise already; call bio_ext.revert(model) first")
+        raise ConversionError("the model is wrapped by bio_ext.blockwise already; wrap bio_ext.revert(model) (a plain "
+                              "copy) instead, or the original model")
     if is_converted(model):
         raise ConversionError("the model is converted by bio_ext.convert already; wrap the original model and pass "
                               "layer_mode=<mode> to blockwise() to convert the blocks' layers as well")
