@@ -24,7 +24,6 @@ the same process (interleaved rounds, median). Results are appended to ``--out``
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -113,7 +112,7 @@ def point_alignment(model, chunk: torch.Tensor) -> List[float]:
     points = bio_ext.feedback_points(model) if bio_ext.is_converted(model) else []
     if not points:
         return []
-    plain = bio_ext.revert(copy.deepcopy(model))
+    plain = bio_ext.revert(model)  # a plain copy
     outs, head = {}, {}
     hooks = [plain.get_submodule(n).register_forward_hook(
         lambda m, a, o, n=n: outs.__setitem__(n, o if isinstance(o, torch.Tensor) else o[0])) for n, _ in points]

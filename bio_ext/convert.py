@@ -261,7 +261,7 @@ def convert(model: nn.Module, mode: Union[str, ConvertConfig] = "dfa", *, output
     if converted or state_of(model) is not None:
         raise AlreadyConvertedError(
             f"the model is converted already (converted layers: {converted[:5] or ['<root>']}); call "
-            "bio_ext.revert(model) first, or convert the original model")
+            "bio_ext.revert(model) (a plain copy) instead, or the original model")
 
     work = model if inplace else copy.deepcopy(model)
     expanded = _expand(work, cfg)
@@ -482,16 +482,34 @@ def detach_feedback(model: nn.Module) -> None:
         remove_hooks(m, (_root_pre_hook, _root_hook, output_hook, input_tap_hook))
 
 
-def revert(model: nn.Module) -> nn.Module:
-    """Give back plain torch layers holding the same parameter tensors (in place).
+#: a key of the ``copy.deepcopy`` memo of :func:`revert`'s copy: state objects that refuse to be deep-copied
+#: (a block-wise wrapper's) copy themselves when they find it, since the copy is reverted straight away
+REVERT_COPY = "bio_ext.revert-copy"
 
-    Returns the model (a new object only when the root itself was a converted layer).
-    Feedback tensors are dropped; whole-model methods (block-wise heads and hooks) are undone too.
+
+def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Give back plain torch layers: the same contract as :func:`convert`.
+
+    Args:
+        model: a module converted by :func:`convert` (or wrapped by a whole-model method such as
+            ``bwbpf``); any other module is returned as it is (copied unless ``inplace``).
+        inplace: revert ``model`` itself, which is then no longer converted, and hand its parameter
+            tensors to the plain layers. By default a deep copy of ``model`` is reverted: ``model`` stays
+            converted and keeps training in its mode, and the plain model holds *copies* of its parameters
+            (as ``convert``'s copy does of the original's), so training one does not move the other.
+
+    Returns the plain model (with ``inplace=True`` a new object only when the root itself was a converted
+    layer). Feedback tensors are dropped; whole-model methods (block-wise heads and hooks) are undone too.
+    Raises :class:`~bio_ext.errors.ConfigTypeError` when ``inplace`` is not a bool.
     """
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModuleError(f"revert() expects a torch.nn.Module, got {type(model).__name__}")
+    require_bool("inplace", inplace)
+    root = model if inplace else copy.deepcopy(model, {REVERT_COPY: True})
     for method in methods():
         if method.revert is not None:
-            method.revert(model)
-    root = model
+            method.revert(root)
+    work = root
     for pick in (lambda m: isinstance(m, FeedbackLayer),  # layers first, then the modules holding them
                  lambda m: getattr(type(m), "bio_ext_expanded", False)):
         for name, module in list(root.named_modules()):
@@ -502,7 +520,7 @@ def revert(model: nn.Module) -> nn.Module:
                 else:
                     root = original
     _points.uninstall(root)
-    for m in [model, root, *root.modules()]:
+    for m in [work, root, *root.modules()]:
         m.__dict__.pop(STATE_ATTR, None)
         remove_hooks(m, (_root_pre_hook, _root_hook, output_hook, input_tap_hook))
     return root

@@ -18,7 +18,7 @@ from ._utils import rng
 from ._utils.outputs import find_output
 from .convert import revert
 from .layers.base import FeedbackLayer
-from .registry import handler_for
+from .registry import handler_for, methods
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -121,9 +121,17 @@ def alignment(model: nn.Module, x, y, loss_fn: Optional[LossFn] = None) -> Dict[
     perturbations, brsf's feedback) leave training exactly as it would have been without the call;
     the model, its feedback buffers and its ``.grad`` are untouched. Dropout draws differ between
     the two passes: call it in ``eval()`` mode for models with dropout.
+
+    For a model wrapped by a whole-model method that measures itself (``bwbpf``:
+    :func:`bio_ext.blockwise.local_alignment`), that measure: ``update`` only, the angle between a layer's
+    local-loss gradient and the end-to-end backprop gradient of ``loss_fn``.
     """
     state = rng.capture(all_cuda=True)
     try:
+        for method in methods():  # a whole-model method's own measure (block-wise: local vs global gradient)
+            own = method.alignment(model, x, y, loss_fn or _default_loss) if method.alignment else None
+            if own is not None:
+                return {n: LayerAlignment(**{"update": None, **qs}) for n, qs in own.items()}
         probe = copy.deepcopy(model)
         for p in probe.parameters():
             p.grad = None
@@ -146,7 +154,7 @@ def alignment(model: nn.Module, x, y, loss_fn: Optional[LossFn] = None) -> Dict[
             est = m.__dict__.get("forward_gradient")
             if est is not None:
                 extra.setdefault(n, {})["_est"] = est
-        plain = revert(copy.deepcopy(probe))
+        plain = revert(probe)  # a reverted copy
         for p in plain.parameters():
             p.grad = None
         true_in = input_gradients(plain, x, y, loss_fn)

@@ -120,13 +120,17 @@ class ModeSpec:
 @dataclass(frozen=True)
 class MethodSpec:
     """A registered whole-model method: ``apply(model, config=config_or_None, inplace=..., **options)``
-    builds it, ``revert(model)`` (in place) undoes it; :func:`bio_ext.revert` calls every method's."""
+    builds it, ``revert(model)`` (in place) undoes it; :func:`bio_ext.revert` calls every method's (on
+    its own copy unless ``inplace=True``). ``alignment(model, x, y, loss_fn)`` (optional) gives
+    ``{layer: {quantity: degrees}}`` for a model the method built and None for any other:
+    :func:`bio_ext.alignment` asks it first."""
 
     name: str
     apply: Callable[..., Any]
     config_type: type
     description: str
     revert: Optional[Callable[[Any], Any]] = None
+    alignment: Optional[Callable[..., Any]] = None
 
 
 def add_mode(spec: ModeSpec, *, overwrite: bool = False) -> None:
@@ -144,11 +148,11 @@ def remove_mode(name: str) -> None:
 
 
 def register_method(name: str, *, config_type: type, description: str,
-                    revert: Optional[Callable[[Any], Any]] = None):
+                    revert: Optional[Callable[[Any], Any]] = None, alignment: Optional[Callable[..., Any]] = None):
     """Decorator registering a whole-model method under ``name`` (``convert(model, name)`` calls it)."""
 
     def deco(fn):
-        _METHODS[name] = MethodSpec(name, fn, config_type, description, revert)
+        _METHODS[name] = MethodSpec(name, fn, config_type, description, revert, alignment)
         return fn
 
     return deco

@@ -134,7 +134,7 @@ def test_revert_restores_multihead_attention_with_the_same_parameters():
     params = {n: p for n, p in model.named_parameters()}
     conv = bio_ext.convert(model, "dfa", inplace=True)
     assert isinstance(conv.att, ExplicitMultiheadAttention)
-    back = bio_ext.revert(conv)
+    back = bio_ext.revert(conv, inplace=True)
     assert type(back.att) is nn.MultiheadAttention
     assert all(p is params[n] for n, p in back.named_parameters())
     x = torch.randn(2, 6, 5, dtype=torch.float64)

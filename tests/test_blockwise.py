@@ -375,7 +375,7 @@ def test_wrapping_leaves_the_model_untouched_and_revert_restores_it():
     torch.testing.assert_close(w(x), model(x))  # main path only, same output
     w.train()
     params = [p for n, p in w.named_parameters() if not n.startswith("bio_ext_aux_heads")]
-    r = bio_ext.revert(w)
+    r = bio_ext.revert(w, inplace=True)
     assert not hasattr(r, "bio_ext_aux_heads") and not bio_ext.blockwise.is_blockwise(r)
     assert all(a is b for a, b in zip(params, r.parameters()))
     assert sorted(before) == sorted(r.state_dict())
@@ -388,6 +388,42 @@ def test_failed_inplace_wrap_leaves_the_model_untouched():
         bio_ext.blockwise(model, 9, inplace=True)
     assert not hasattr(model, "bio_ext_aux_heads")
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+def test_revert_gives_a_plain_copy_and_the_wrapped_model_keeps_its_local_losses():
+    torch.manual_seed(0)
+    w = bio_ext.blockwise(mlp(), 2)
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 5, (8,))
+    plain = bio_ext.revert(w)
+    assert bio_ext.blockwise.is_blockwise(w) and not bio_ext.blockwise.is_blockwise(plain)
+    assert not any("aux" in n for n, _ in plain.named_parameters())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in plain.modules())
+    torch.testing.assert_close(plain(x), w(x))
+    bio_ext.blockwise.train_step(w, x, y, nn.functional.cross_entropy)
+    assert len(bio_ext.blockwise.local_losses(w)) == 2
+    assert all(p.grad is not None for p in w.get_submodule(aux_prefix(w)).parameters())
+
+
+@pytest.mark.parametrize("layer_mode", [None, "dfa"])
+def test_alignment_of_a_wrapped_model_is_its_local_gradient_against_the_end_to_end_one(layer_mode):
+    """Issue 13 item 7: bio_ext.alignment (and so the runner's probe) measures block-wise training too."""
+    torch.manual_seed(0)
+    model = mlp()
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 5, (16,))
+    w = bio_ext.blockwise(model, 2, seed=0, layer_mode=layer_mode)
+    report = bio_ext.alignment(w, x, y)
+    assert all(p.grad is None for p in w.parameters()) and bio_ext.blockwise.local_losses(w) == []
+    twin = bio_ext.blockwise(model, 2, seed=0, layer_mode=layer_mode)  # the same heads and feedback
+    bio_ext.blockwise.train_step(twin, x, y, F.cross_entropy)
+    plain = copy.deepcopy(model)
+    F.cross_entropy(plain(x), y).backward()
+    names = [n for n, m in plain.named_modules() if isinstance(m, nn.Linear)]
+    assert list(report) == names
+    for n in names:
+        a, b = twin.get_submodule(n).weight.grad.reshape(-1), plain.get_submodule(n).weight.grad.reshape(-1)
+        expected = torch.rad2deg(torch.arccos(torch.clamp(F.cosine_similarity(a, b, dim=0), -1, 1))).item()
+        assert report[n].update == pytest.approx(expected, abs=1e-6), n
+    assert report[names[-1]].update < 1e-6 and all(report[n].update > 5 for n in names[:-1])
 
 
 def test_wrapped_model_refuses_deepcopy_and_names_revert():

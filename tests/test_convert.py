@@ -83,7 +83,7 @@ def test_revert_round_trip_gives_identical_outputs_and_same_parameters(mode):
     train_steps(conv, x, torch.tensor([1, 2]), steps=2)
     expected = conv(x).detach()
     params = [p for p in conv.parameters()]
-    plain = bio_ext.revert(conv)
+    plain = bio_ext.revert(conv, inplace=True)
     assert [type(m) for m in plain.modules()] == [type(m) for m in model.modules()]
     assert all(a is b for a, b in zip(plain.parameters(), params))
     assert torch.equal(plain(x), expected)
@@ -96,8 +96,46 @@ def test_revert_round_trip_gives_identical_outputs_and_same_parameters(mode):
 def test_revert_of_a_converted_single_layer_root():
     lin = nn.Linear(3, 2)
     fl = bio_ext.convert(lin, "fa")
-    back = bio_ext.revert(fl)
+    back = bio_ext.revert(fl, inplace=True)
     assert type(back) is nn.Linear and back.weight is fl.weight
+    copied = bio_ext.revert(fl)
+    assert type(copied) is nn.Linear and copied.weight is not fl.weight and torch.equal(copied.weight, fl.weight)
+
+
+def _grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("mode", ["fa", "dfa"])
+def test_revert_returns_a_plain_copy_and_the_model_keeps_training_in_its_mode(mode):
+    """Issue 13 item 4: revert has convert's contract; before, the model was silently reverted in place."""
+    torch.manual_seed(0)
+    conv = bio_ext.convert(small_cnn(), mode, seed=0)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 3, 4])
+    before = _grads(conv, x, y)
+    plain = bio_ext.revert(conv)
+    assert plain is not conv and bio_ext.is_converted(conv) and not bio_ext.is_converted(plain)
+    assert [type(m) for m in plain.modules()] == [type(m) for m in small_cnn().modules()]
+    assert not plain._forward_hooks and not plain._forward_pre_hooks
+    assert all(a is not b and torch.equal(a, b) for a, b in zip(plain.parameters(), conv.parameters()))
+    torch.testing.assert_close(plain(x), conv(x), rtol=0, atol=0)
+    after, true = _grads(conv, x, y), _grads(plain, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(after, before))  # still the mode's gradients
+    assert not torch.allclose(after[0], true[0])  # first conv: not backprop's
+    torch.testing.assert_close(after[-1], true[-1])  # output layer: the true error in both
+
+
+def test_revert_inplace_reverts_the_model_itself_and_refuses_a_non_bool():
+    conv = bio_ext.convert(small_cnn(), "dfa")
+    with pytest.raises(errors.ConfigTypeError, match="inplace"):
+        bio_ext.revert(conv, inplace="yes")
+    assert bio_ext.is_converted(conv)
+    with pytest.raises(errors.UnsupportedModuleError):
+        bio_ext.revert("model")
+    plain = bio_ext.revert(conv, inplace=True)
+    assert plain is conv and not bio_ext.is_converted(conv)
 
 
 @pytest.mark.parametrize("mode", ["fa", "dfa", "frsf"])
@@ -385,7 +423,7 @@ def test_deepcopy_and_pickle_of_converted_model_still_train(tmp_path):
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     train_steps(loaded, x, y, steps=1)
     assert bio_ext.is_converted(loaded)
-    bio_ext.revert(clone)
+    bio_ext.revert(clone, inplace=True)
     assert not bio_ext.is_converted(clone)
     train_steps(model, x, y, steps=1)  # the original still works
 

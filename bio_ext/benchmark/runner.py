@@ -9,6 +9,7 @@ Layout of the outputs (``<output_dir>/<experiment.name>/``)::
     summary.md                       one row per mode: final test accuracy, mean +- std over seeds
     accuracy.png                     test accuracy per epoch, one line per mode (mean over seeds)
     alignment.png                    per-layer update angle vs backprop over training, one panel per mode
+                                     (lines, or a heat map beyond 10 layers; :mod:`~bio_ext.benchmark.plots`)
     <mode>/seed_<k>/config.yaml      the run's own configuration (one mode, one seed)
     <mode>/seed_<k>/results.json     per-epoch metrics and the final ones; deterministic (no times)
     <mode>/seed_<k>/metrics.csv      the per-epoch metrics as a table
@@ -75,7 +76,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._utils.rng import capture, restore
-from ..blockwise import is_blockwise
 from ..errors import BioExtError, NonFiniteLossError, RunExistsError
 from ..inspection import alignment
 from .biotorch import StepRules
@@ -401,8 +401,6 @@ class Run:
 
     def _probe(self, model, x, y, loss_fn, step: int, epoch: int, tb) -> Dict[str, Any]:
         """The alignment of this batch's updates with backprop's (on a copy of the model), logged."""
-        if is_blockwise(model):  # local losses: no injected signal to compare, and the wrapper is not copyable
-            return {"step": step, "epoch": epoch + 1, "layers": {}}
         k = self.cfg.training.metrics.alignment_batch
         was = model.training
         report = alignment(model, x[:k], y[:k], loss_fn)

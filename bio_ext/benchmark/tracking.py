@@ -10,7 +10,9 @@ Tags written by the runner (``step`` is the global training step, ``epoch`` coun
     current batch, computed on a copy of the model: ``update`` (angle between the weight gradient
     the mode produced and backprop's, degrees), ``signal`` (the layer's injected input gradient
     vs backprop's), ``feedback`` and ``norm_ratio`` (feedback vs forward weight, local modes and
-    bp), ``estimate`` (GrAPE's forward-gradient estimate vs backprop's input gradient).
+    bp), ``estimate`` (GrAPE's forward-gradient estimate vs backprop's input gradient). A ``bwbpf``
+    run logs ``update`` only: each layer's gradient (its block's local loss; the global loss for the
+    output layer) against the end-to-end backprop gradient (:func:`bio_ext.blockwise.local_alignment`).
 ``epoch/<split>_loss``, ``epoch/<split>_accuracy``, ``epoch/lr``
     after every epoch, for split ``train``, ``val`` and ``test``.
 """

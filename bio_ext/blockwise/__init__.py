@@ -7,7 +7,7 @@ modules: :mod:`~.config` (the options), :mod:`~.partition` (spine, probe, balanc
 
     model = bio_ext.blockwise(model, blocks=4)          # a wrapped copy; model itself is untouched
     loss = loss_fn(model(x), y); loss.backward()         # unchanged loop
-    plain = bio_ext.revert(model)                        # same parameters, auxiliary heads dropped
+    plain = bio_ext.revert(model)                        # a plain copy, auxiliary heads dropped
 
 What it does
 ------------
@@ -77,12 +77,12 @@ import types
 from .config import COSTS, POOLS, BlockwiseConfig
 from .heads import aux_head, local_grad, recover_targets
 from .partition import Partition, Unit, balanced_cuts, default_example, default_spine, partition
-from .wrap import (AUX_NAME, BlockwiseState, aux_prefix, blockwise, is_blockwise, local_losses, partition_of,
-                   set_targets, state_of, train_step, unwrap)
+from .wrap import (AUX_NAME, BlockwiseState, aux_prefix, blockwise, is_blockwise, local_alignment, local_losses,
+                   partition_of, set_targets, state_of, train_step, unwrap)
 
 __all__ = ["AUX_NAME", "COSTS", "POOLS", "BlockwiseConfig", "BlockwiseState", "Partition", "Unit", "aux_head",
            "aux_prefix", "balanced_cuts", "blockwise", "default_example", "default_spine", "is_blockwise",
-           "local_grad", "local_losses", "partition", "partition_of", "recover_targets", "set_targets", "state_of",
+           "local_alignment", "local_grad", "local_losses", "partition", "partition_of", "recover_targets", "set_targets", "state_of",
            "train_step", "unwrap"]
 
 

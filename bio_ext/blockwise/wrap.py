@@ -8,7 +8,7 @@ import copy
 import functools
 import logging
 import math
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -16,9 +16,9 @@ from torch.autograd import Function
 
 from .._utils.outputs import call, find_output, first_tensor
 from ..config import require_bool
-from ..convert import convert, detach_feedback, is_converted
+from ..convert import REVERT_COPY, convert, detach_feedback, is_converted, revert
 from ..errors import ConfigError, ConversionError, FeedbackSignalError, PartitionError, UnsupportedModuleError
-from ..registry import get_mode, register_method
+from ..registry import get_mode, handler_for, register_method
 from ..session import FeedbackBank, FeedbackSession, activate, reset
 from .config import BlockwiseConfig
 from .heads import aux_head, local_grad, recover_targets
@@ -89,7 +89,24 @@ class BlockwiseState:
 
     def __getstate__(self):
         raise TypeError("a blockwise-wrapped model cannot be deep-copied or pickled: save model.state_dict(), or "
-                        "bio_ext.revert(model) first and wrap the copy")
+                        "wrap a copy of the original (bio_ext.revert(model) gives a plain copy)")
+
+    def __deepcopy__(self, memo):
+        """Refused (as pickling), except inside bio_ext's own copies, which are reverted once used (by
+        :func:`bio_ext.revert` straight away, by :func:`local_alignment` after one training step): there the
+        copy is a working wrapper of the copied model (handles and heads mapped onto it, fresh feedback banks)."""
+        if not memo.get(REVERT_COPY):
+            self.__getstate__()
+        new = BlockwiseState.__new__(BlockwiseState)
+        memo[id(self)] = new
+        new.__dict__.update(vars(BlockwiseState(self.config, self.partition, self.aux, self.converted)))
+        new.aux = copy.deepcopy(self.aux, memo)
+        new.handles = copy.deepcopy(self.handles, memo)
+        new.aux_prefix = self.aux_prefix
+        if self.direct is not None:
+            rule, out_dim, banks = self.direct
+            new.direct = (rule, out_dim, [FeedbackBank() for _ in banks])
+        return new
 
 
 def state_of(model: nn.Module) -> Optional[BlockwiseState]:
@@ -235,7 +252,8 @@ def blockwise(model: nn.Module, blocks: Optional[int] = None, *, config: Optiona
 
     Returns the wrapped model: its forward returns what the original returned; the auxiliary
     heads are the submodule ``bio_ext_aux_heads`` (so ``model.parameters()`` includes them);
-    ``bio_ext.revert(model)`` removes them and every hook. The model is left unchanged on error.
+    ``bio_ext.revert(model)`` gives a plain copy without them and without any hook (``inplace=True``: removes
+    them from the wrapped model itself). The model is left unchanged on error.
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedModuleError(f"blockwise() expects a torch.nn.Module, got {type(model).__name__}")
@@ -248,7 +266,8 @@ def blockwise(model: nn.Module, blocks: Optional[int] = None, *, config: Optiona
     base.pop("mode", None)
     cfg = BlockwiseConfig(**base)
     if is_blockwise(model):
-        raise ConversionError("the model is wrapped by bio_ext.blockwise already; call bio_ext.revert(model) first")
+        raise ConversionError("the model is wrapped by bio_ext.blockwise already; wrap bio_ext.revert(model) (a plain "
+                              "copy) instead, or the original model")
     if is_converted(model):
         raise ConversionError("the model is converted by bio_ext.convert already; wrap the original model and pass "
                               "layer_mode=<mode> to blockwise() to convert the blocks' layers as well")
@@ -372,7 +391,57 @@ def partition_of(model: nn.Module) -> Partition:
     return state.partition
 
 
-@register_method("bwbpf", config_type=BlockwiseConfig, revert=unwrap,
+# --------------------------------------------------------------------------- alignment with backprop
+# Inside a block every layer has a true gradient, of the block's *local* loss; what separates block-wise
+# training from backprop is that this is not the gradient of the model's loss. local_alignment measures
+# the angle between the two (bio_ext.alignment's ``update`` for a wrapped model, through the method's
+# registration).
+
+
+def _angle(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[float]:
+    if a is None or b is None:
+        return None
+    a, b = a.detach().reshape(-1).double(), b.detach().reshape(-1).double()
+    na, nb = a.norm(), b.norm()
+    if na == 0 or nb == 0:
+        return None
+    return math.degrees(math.acos(max(-1.0, min(1.0, float((a @ b) / (na * nb))))))
+
+
+def _weight_grads(model: nn.Module) -> Dict[str, Optional[torch.Tensor]]:
+    return {n: (m.weight.grad.detach().clone() if m.weight.grad is not None else None)
+            for n, m in model.named_modules() if handler_for(m) is not None}
+
+
+def local_alignment(model: nn.Module, x, y: torch.Tensor,
+                    loss_fn: Callable) -> Optional[Dict[str, Dict[str, float]]]:
+    """``{layer: {"update": degrees}}`` for a model wrapped by :func:`~bio_ext.blockwise.blockwise`
+    (None for any other model). Runs on a copy, in training mode, with explicit targets ``y``;
+    ``model``, its ``.grad`` and its local losses are left as they were (the caller restores the RNG)."""
+    if state_of(model) is None:
+        return None
+    work = copy.deepcopy(model, {REVERT_COPY: True})
+    work.train()
+    for p in work.parameters():
+        p.grad = None
+    set_targets(work, y.reshape(-1) if y.dim() > 1 else y)
+    out, _ = find_output(call(work, x))
+    loss_fn(out, y).backward()
+    plain = revert(work, inplace=True)  # plain layers holding the same Parameters (and their local .grad)
+    local = _weight_grads(plain)
+    for p in plain.parameters():
+        p.grad = None
+    out, _ = find_output(call(plain, x))
+    loss_fn(out, y).backward()
+    true = _weight_grads(plain)
+    report = {}
+    for name, g in local.items():
+        angle = _angle(g, true.get(name))
+        report[name] = {"update": angle} if angle is not None else {}
+    return report
+
+
+@register_method("bwbpf", config_type=BlockwiseConfig, revert=unwrap, alignment=local_alignment,
                  description="block-wise local losses (BWBPF seed): blocks trained by auxiliary heads, isolated")
 def _as_method(model: nn.Module, *, config: Optional[BlockwiseConfig] = None, inplace: bool = False,
                **options: Any) -> nn.Module:

@@ -165,10 +165,11 @@ def test_two_runs_with_the_same_seed_write_identical_results(tmp_path):
 
 
 def test_alignment_logging_does_not_change_training(tmp_path):
-    on = run_experiment(config(tmp_path / "on", modes=("grape", "brsf")))
-    off = run_experiment(config(tmp_path / "off", modes=("grape", "brsf"), layer_alignment=False, weight_ratio=False,
-                                tensorboard=False))
-    assert all(r.alignment for r in on.runs) and not any(r.alignment for r in off.runs)
+    on = run_experiment(config(tmp_path / "on", modes=("grape", "brsf", "bwbpf")))
+    off = run_experiment(config(tmp_path / "off", modes=("grape", "brsf", "bwbpf"), layer_alignment=False,
+                                weight_ratio=False, tensorboard=False))
+    assert all(r.alignment and all(row["layers"] for row in r.alignment) for r in on.runs)
+    assert not any(r.alignment for r in off.runs)
     for a, b in zip(on.runs, off.runs):
         assert a.history == b.history
         sa, sb = final_state(a.run_dir), final_state(b.run_dir)
@@ -286,6 +287,13 @@ def test_blockwise_runs_through_the_runner_with_its_heads_in_the_checkpoint(tmp_
     assert run.status == "finished" and math.isfinite(run.history[-1]["train_loss"])
     state = final_state(tmp_path / "t" / "bwbpf" / "seed_0")
     assert any(k.startswith("bio_ext_aux_heads") or "aux" in k for k in state), list(state)
+    # issue 13 item 7: each layer's local-loss gradient against the end-to-end one (was: nothing logged)
+    rows = run.alignment
+    assert [r["step"] for r in rows] == [0, 2, 4] and all(set(r["layers"]) == {"1", "3", "5"} for r in rows)
+    assert all(r["layers"]["5"]["update"] < 1e-2 for r in rows)  # the output layer: the global loss in both
+    assert all(1 < r["layers"][n]["update"] <= 180 for r in rows for n in ("1", "3"))
+    scalars = read_scalars(str(tmp_path / "t" / "bwbpf" / "seed_0" / "tensorboard"))
+    assert {f"alignment/update/{n}" for n in ("1", "3", "5")} <= set(scalars)
 
 
 def test_bad_blockwise_options_are_reported_with_their_path(tmp_path):
