@@ -117,6 +117,22 @@ gradient are all finite; when one is not, it leaves every buffer (``feedback``,
 check is a ``torch.where`` on a 0-d tensor, so it needs no device sync. The cosine divides each
 side by its largest magnitude first, so logits of 1e19 (estimates whose float32 norm overflows)
 give a finite cosine and step.
+
+**How often the feedback steps.** Once each time a forward's output error arrives: every forward
+opens its own session (its own perturbations and output tangent), and the step runs in that
+session's error tap, right before the session projects ``e @ B``. So the count is per forward per
+backward pass through it, not per ``backward()`` call:
+
+* two forwards, then one ``backward()`` of the summed loss: two steps, one per forward, each from
+  that forward's error and estimate (in the order autograd reaches the two taps, the later forward
+  first); each forward's hidden gradients are projected with the feedback right after its own
+  step, so they differ (by about ``lr``) from a DFA-style sum with one fixed ``B``;
+* one forward, then ``backward(retain_graph=True)`` twice: two steps, both from the same error and
+  perturbation (the second sees the velocity and feedback of the first).
+
+For one step per optimizer step with gradient accumulation, accumulate over forwards with
+``feedback_lr`` divided by the number of micro-batches, or set ``feedback_lr=0`` on all but one
+(``layer.mode_options``). Tested in ``tests/test_grape_reliability.py``.
 """
 
 from __future__ import annotations
