@@ -80,6 +80,16 @@ class OutputDimError(ConversionError):
     """The size of the model's output cannot be found, or does not match."""
 
 
+class AmbiguousOutputError(ConversionError):
+    """The model's output depends directly on several layers, so the layer whose error direct modes take
+    cannot be chosen for the user: pass ``output_layer=``."""
+
+
+class OutputLayerError(ConversionError):
+    """A forward showed that the output layer convert() guessed (it had no example input) is not the one the
+    model's output comes from. Raised by that forward, before a backward could train on the wrong error."""
+
+
 class UnsupportedModuleError(BioExtError, TypeError):
     """The model holds a module whose forward would bypass converted layers."""
 
@@ -127,3 +137,4 @@ class NonFiniteLossError(BioExtError, ValueError):
 
 class PartitionError(ConversionError):
     """A model cannot be split into blocks as asked (see :mod:`bio_ext.blockwise`). The model was left unchanged."""
+
