@@ -81,7 +81,7 @@ class ConvertConfig(RoundTrip):
     Attributes:
         mode: a registered mode (see :func:`bio_ext.available_modes`).
         output_dim: size of the model output's last dimension, for direct modes;
-            inferred from the model's last Linear/Conv1D when None.
+            inferred from the output layer when None.
         init: feedback initialisation: ``kaiming`` (PyTorch's own default for the
             layer type), ``xavier`` or ``normal`` (std ``1/sqrt(fan_in)``).
         scale: multiplies the feedback's initial standard deviation.
@@ -90,9 +90,9 @@ class ConvertConfig(RoundTrip):
             error keeps the norm of ``e``), ``mean`` (``e / (H_out W_out)``, the adjoint of
             global average pooling) or ``sum`` (``e`` everywhere, as biotorch does).
         output_layer: qualified name of the layer whose output is the model output the
-            error ``e`` is taken at (default: the last Linear/Conv1D registered in the
-            model, e.g. ``fc`` or ``lm_head``); ``""`` taps the root module's return value
-            instead. Tapping the output layer lets a loss computed inside ``forward``
+            error ``e`` is taken at (default: found from the data flow, the layer the returned
+            tensor comes from, e.g. ``fc`` or ``lm_head``: see :mod:`bio_ext.output`); ``""`` taps the root
+            module's return value instead. Tapping the output layer lets a loss computed inside ``forward``
             (transformers' ``labels=``) still deliver ``e``.
         include / exclude: glob patterns on qualified module names (``"features.*"``)
             selecting / skipping layers; an excluded module's whole subtree is skipped.

@@ -29,7 +29,7 @@ from .layers.base import FeedbackLayer
 from .modes.base import feedback_generator
 from .registry import (Handler, ModeSpec, expander_for, get_method, get_mode, handler_for, method_for, methods,
                        output_size, qualname)
-from .session import FeedbackBank, FeedbackSession, activate, input_tap_hook, output_hook, reset, trace_hook
+from .session import FeedbackBank, FeedbackSession, activate, input_tap_hook, output_hook, reset
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,10 @@ def _root_pre_hook(module: nn.Module, args, kwargs):
         return None
     session = None
     if torch.is_grad_enabled():
+        if state.expected_output is not None:
+            _output.settle(module, state, args, kwargs)
         session = FeedbackSession(state.bank, state.output_dim, state.mode.rule)
         session.tangential = state.config.tangential
-        session.trace = {} if state.expected_output is not None else None
         state.mode.rule.open_forward(session, module, args, kwargs, state.config.options)
     state.stack.append((activate(session), session))
     return None
@@ -141,11 +142,6 @@ def _root_hook(module: nn.Module, args, output):
             session.rule.close_forward(session, module, output)
     finally:
         reset(token)
-    if session is not None and session.trace is not None and output is not None and state.expected_output is not None:
-        if _output.check(module, state.expected_output, state.output_layer, output, state.config.output_key,
-                         session.trace):
-            state.expected_output = None
-            _output.uninstall_check(module)
     return None
 
 
@@ -237,7 +233,7 @@ def convert(model: nn.Module, mode: Union[str, ConvertConfig] = "dfa", *, output
             ``frsf``, ...), a whole-model method (``bwbpf``: :mod:`bio_ext.blockwise`),
             or a full :class:`ConvertConfig` (or a method's config).
         output_dim: size of the output's last dimension, for direct modes
-            (default: the ``out_features`` of the model's last Linear/Conv1D).
+            (default: the ``out_features`` of the output layer, found from the data flow: :mod:`bio_ext.output`).
         inplace: convert ``model`` itself; by default a deep copy is converted and
             ``model`` is left as it was.
         **options: any other field of :class:`ConvertConfig` (``include``,
@@ -375,8 +371,6 @@ def _install(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec, out: _output
             tap_module.register_forward_hook(functools.partial(output_hook, (out.dim, cfg.output_key)))
         root.register_forward_pre_hook(_root_pre_hook, with_kwargs=True)
         root.register_forward_hook(_root_hook, always_call=True)
-        if expected is not None:
-            _output.install_check(root)
     return root
 
 
@@ -420,7 +414,7 @@ def detach_feedback(model: nn.Module) -> None:
     converted layers: for a method that opens sessions of its own (block-wise training with a direct
     ``layer_mode`` gives every block a session fed by its local error)."""
     for m in model.modules():
-        remove_hooks(m, (_root_pre_hook, _root_hook, output_hook, input_tap_hook, trace_hook))
+        remove_hooks(m, (_root_pre_hook, _root_hook, output_hook, input_tap_hook))
 
 
 def revert(model: nn.Module) -> nn.Module:
@@ -445,7 +439,7 @@ def revert(model: nn.Module) -> nn.Module:
     _points.uninstall(root)
     for m in [model, root, *root.modules()]:
         m.__dict__.pop(STATE_ATTR, None)
-        remove_hooks(m, (_root_pre_hook, _root_hook, output_hook, input_tap_hook, trace_hook))
+        remove_hooks(m, (_root_pre_hook, _root_hook, output_hook, input_tap_hook))
     return root
 
 

@@ -10,10 +10,16 @@ SqueezeNet: a 1x1 convolution, ReLU, pooling, flatten) needs no ``output_layer=`
 * With an example input (``input_shape``, one example's shape), ``convert`` runs one probe forward of
   zeros (batch 2, eval mode, training flags restored) and walks the autograd graph from the returned
   tensor(s) down to the first such layers.
-* Without one, it guesses as before (the last registered Linear/Conv1D; with none, the last Conv2d
-  with the error taken at the return value) and checks the guess on the first forward that builds a
-  graph: a forward whose output comes from another layer raises :class:`~bio_ext.errors.OutputLayerError`
-  naming it, before any backward could train on the wrong error.
+* Without one, it guesses as before (the last registered Linear/Conv1D; with none, the last Conv2d,
+  with the error taken at the return value) and builds the feedback for it. The first forward with
+  autograd on then probes itself first (its own arguments, eval mode, a session in which converted
+  layers build the graph but register nothing) and, when the output comes from another layer, moves
+  the error tap there and rebuilds every feedback for the new output size, exactly as
+  ``convert(output_layer=...)`` would have built it (same seed, same draws), before the real forward
+  runs. So no step ever trains on the wrong error; the cost is one extra forward, once. The feedback
+  buffers' shapes can change at that forward (a ``state_dict`` taken before it has the guessed ones).
+  What cannot be switched after the conversion (feedback points, an error taken at a vocabulary
+  head's input) raises :class:`~bio_ext.errors.OutputLayerError` naming the layer and ``output_layer=``.
 
 Which returned tensors are looked at: the one ``output_key`` names; for a dict or ``ModelOutput``, its
 ``logits`` (else every tensor in it); for a tuple or list, every tensor in it. When they depend
@@ -24,10 +30,11 @@ An explicit ``output_layer`` is used as given, with no probe and no check.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -37,7 +44,8 @@ from .config import ConvertConfig
 from .errors import AmbiguousOutputError, ConversionError, OutputDimError, OutputLayerError
 from .layers.base import FeedbackLayer
 from .registry import ModeSpec, handler_for, output_size
-from .session import direct_sources, trace_hook
+from .modes.base import feedback_generator
+from .session import FeedbackBank, FeedbackSession, activate, direct_sources, input_tap_hook, output_hook, reset
 
 log = logging.getLogger(__name__)
 
@@ -75,36 +83,42 @@ def _ambiguous(model: nn.Module, found: Dict[str, list]) -> AmbiguousOutputError
         "of the tensor the loss is computed from)")
 
 
-def probe(target: nn.Module, cfg: ConvertConfig) -> Tuple[Dict[str, list], Dict[Any, torch.Tensor]]:
-    """One probe forward of zeros of ``cfg.input_shape`` with autograd on: the layers the returned tensors
-    depend on directly, and those tensors. ``({}, {})`` when the probe cannot run (an input that is not a
-    float tensor, e.g. token ids): the caller then guesses and checks on the first forward."""
+def probe(target: nn.Module, run: Callable[[], Any], key) -> Tuple[Dict[str, list], Dict[Any, torch.Tensor]]:
+    """Run ``run()`` (a forward of ``target``) in eval mode with autograd on, training flags restored:
+    the layers the returned tensors depend on directly, and those tensors."""
     trace: Dict[Any, str] = {}
 
-    def record(name, module, args, out):
+    def record(name, out):
         if isinstance(out, torch.Tensor) and out.grad_fn is not None:
             trace[out.grad_fn] = name
 
-    handles = [m.register_forward_hook(lambda m, a, o, n=n: record(n, m, a, o)) for n, m in candidates(target).items()]
+    handles = [m.register_forward_hook(lambda m, a, o, n=n: record(n, o)) for n, m in candidates(target).items()]
     flags = [(m, m.training) for m in target.modules()]
-    param = next(iter(target.parameters()), None)
     try:
-        x = torch.zeros(2, *cfg.input_shape, dtype=param.dtype if param is not None else None,
-                        device=param.device if param is not None else None)
         target.eval()
         with torch.enable_grad():
-            out = target(x)
-    except Exception as exc:  # the probe is an optimisation: the first forward checks instead
-        log.debug("output-layer probe of %s failed (%s: %s); checking on the first forward", type(target).__name__,
-                  type(exc).__name__, exc)
-        return {}, {}
+            out = run()
     finally:
         for h in handles:
             h.remove()
         for m, flag in flags:
             m.training = flag
-    tensors = output_tensors(out, cfg.output_key)
+    tensors = output_tensors(out, key)
     return direct_sources(tensors, trace), dict(tensors)
+
+
+def probe_example(target: nn.Module, cfg: ConvertConfig) -> Tuple[Dict[str, list], Dict[Any, torch.Tensor]]:
+    """:func:`probe` with zeros of ``cfg.input_shape`` (batch 2). ``({}, {})`` when it cannot run (an input
+    that is not a float tensor, e.g. token ids): the first forward probes instead."""
+    param = next(iter(target.parameters()), None)
+    try:
+        x = torch.zeros(2, *cfg.input_shape, dtype=param.dtype if param is not None else None,
+                        device=param.device if param is not None else None)
+        return probe(target, lambda: target(x), cfg.output_key)
+    except Exception as exc:  # an optimisation: the first forward finds the output layer instead
+        log.debug("output-layer probe of %s failed (%s: %s); the first forward probes instead", type(target).__name__,
+                  type(exc).__name__, exc)
+        return {}, {}
 
 
 @dataclass
@@ -122,7 +136,7 @@ def choose(target: nn.Module, cfg: ConvertConfig, last_out: Optional[str], last_
     if cfg.output_layer is not None:
         return Guess(cfg.output_layer)
     if cfg.input_shape is not None:
-        found, tensors = probe(target, cfg)
+        found, tensors = probe_example(target, cfg)
         if len(found) > 1:
             raise _ambiguous(target, found)
         if found:
@@ -138,36 +152,54 @@ def choose(target: nn.Module, cfg: ConvertConfig, last_out: Optional[str], last_
     return Guess()
 
 
-def install_check(root: nn.Module) -> None:
-    """Record the candidates' outputs during forwards until :func:`check` has seen one (see the module)."""
-    import functools
-    for name, m in candidates(root).items():
-        m.register_forward_hook(functools.partial(trace_hook, name))
-
-
-def uninstall_check(root: nn.Module) -> None:
-    for m in root.modules():
-        remove_hooks(m, (trace_hook,))
-
-
-def check(root: nn.Module, expected: str, tap: str, output: Any, key, trace: Dict[Any, str]) -> bool:
-    """After a forward: whether the guess ``expected`` is settled (True: stop checking). Raises
-    :class:`OutputLayerError` when the output comes from another layer, or from several."""
-    tensors = [(i, t) for i, t in output_tensors(output, key) if t.grad_fn is not None]
-    if not tensors:
-        return False  # no graph (no_grad, frozen parameters): check on a later forward
-    found = direct_sources(tensors, trace)
-    if not found or set(found) == {expected}:
-        return True
+def settle(root: nn.Module, state, args, kwargs) -> None:
+    """The first forward with autograd of a model converted without an example input: probe the forward
+    with its own arguments (a tangent-only session: converted layers build the graph, nothing registers)
+    and, when the output comes from another layer than the guess, move the error tap there (and rebuild
+    the feedback when its size changes) before the real forward runs. ``state`` is the root's
+    :class:`~bio_ext.convert.BioExtState`."""
+    expected, state.expected_output = state.expected_output, None
+    token = activate(FeedbackSession(FeedbackBank(), state.output_dim, None, tangent_only=True))
+    try:
+        found, tensors = probe(root, lambda: root.forward(*args, **kwargs), state.config.output_key)
+    finally:
+        reset(token)
     if len(found) > 1:
-        raise OutputLayerError(str(_ambiguous(root, found)))
-    (name,) = found
-    kind = "the last registered Linear/Conv1D" if tap else "the last Conv2d, with the error at the return value"
-    raise OutputLayerError(
-        f"convert() had no example input and took {expected!r} ({kind}) as the output layer of "
-        f"{type(root).__name__}, but this forward's output comes from {name!r}; the error would be taken at the "
-        f"wrong layer. Convert the original model again with output_layer={name!r}, or with "
-        "input_shape=<one example's shape> so that convert() finds it from a probe forward")
+        state.expected_output = expected  # refused at every forward until converted again
+        raise _ambiguous(root, found)
+    if found and set(found) != {expected}:
+        ((name, where),) = found.items()
+        _retarget(root, state, name, tensors[where[0]], expected)
+
+
+def _retarget(root: nn.Module, state, name: str, tensor: torch.Tensor, guessed: str) -> None:
+    module, cfg = root.get_submodule(name), state.config
+    width = getattr(module, "out_features", None) if getattr(module, "weight", None) is not None \
+        and module.weight.dim() == 2 else None
+    tap, dim = (name, int(width)) if width is not None else ("", int(tensor.shape[-1]))
+    head_like = width is not None and (name.rsplit(".", 1)[-1] == "lm_head" or width >= 8 * module.in_features)
+    if state.points or cfg.error_at == "head_input" or (cfg.error_at == "auto" and head_like):
+        state.expected_output = guessed
+        raise OutputLayerError(
+            f"convert() had no example input and took {guessed!r} as the output layer of {type(root).__name__}, "
+            f"but the output comes from {name!r}, which it cannot switch to after the conversion (feedback points, "
+            f"or an error taken at the head's input); convert the original model again with output_layer={name!r}, "
+            "or with input_shape=<one example's shape>")
+    if dim != state.output_dim:  # rebuilt as convert(output_layer=name) would have built it
+        generator = feedback_generator(cfg.seed) if cfg.seed is not None else None
+        for layer_name in state.layer_names:
+            root.get_submodule(layer_name).setup_feedback(
+                output_dim=dim, init=cfg.init, scale=cfg.scale, generator=generator, conv_error=cfg.conv_error,
+                conv_feedback=cfg.conv_feedback, input_size=None)
+        state.bank.clear()
+    for m in root.modules():
+        remove_hooks(m, (output_hook, input_tap_hook))
+    root.get_submodule(tap).register_forward_hook(functools.partial(output_hook, (dim, cfg.output_key)),
+                                                  prepend=True)  # before the root's closing hook
+    state.output_layer, state.output_dim = tap, dim
+    log.info("output layer of %s found from the data flow: %r (guessed %r)", type(root).__name__, name, guessed)
+
+
 def head_sizes(module: nn.Module) -> Optional[Tuple[int, int]]:
     """(in, out) sizes of an output layer, when it is a Linear/Conv1D."""
     out = output_size(module)

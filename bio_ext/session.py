@@ -110,7 +110,7 @@ class FeedbackSession:
     """One forward pass of a converted model: the layers waiting for the output error."""
 
     __slots__ = ("bank", "output_dim", "feedbacks", "widths", "proj", "error", "layers", "infos", "rule",
-                 "tangent_only", "rule_state", "point_outputs", "point_slots", "tangential", "trace", "__weakref__")
+                 "tangent_only", "rule_state", "point_outputs", "point_slots", "tangential", "__weakref__")
 
     def __init__(self, bank: FeedbackBank, output_dim: int, rule=None, *, tangent_only: bool = False) -> None:
         self.bank = bank
@@ -133,9 +133,6 @@ class FeedbackSession:
         self.point_slots: List[int] = []
         #: ConvertConfig.tangential: layers drop the component of their injected signal along their input
         self.tangential = False
-        #: while the output layer is unverified (:mod:`bio_ext.output`): autograd node of each candidate
-        #: layer's output -> the layer's name, filled by :func:`trace_hook`; None otherwise
-        self.trace: Optional[dict] = None
 
     def register(self, feedback: torch.Tensor, layer: Any = None, info: Any = None) -> int:
         """Reserve a slot for a layer whose input needs a gradient; returns the slot."""
@@ -242,16 +239,6 @@ def output_hook(tap: Tuple[int, Any], module, args, output):
     if session is None:
         return None
     return tap_output(output, session, *tap)
-
-
-def trace_hook(name: str, module, args, output):
-    """Forward hook on a candidate output layer (bound to its name) while the output layer is unverified:
-    records the autograd node of its output in the session's trace."""
-    session = current_session()
-    if session is not None and session.trace is not None and isinstance(output, torch.Tensor) \
-            and output.grad_fn is not None:
-        session.trace[output.grad_fn] = name
-    return None
 
 
 def direct_sources(tensors, names: dict) -> dict:

@@ -30,7 +30,7 @@ LAYERS: Dict[str, Set[str]] = {
     "modes": {"errors", "registry", "functional", "session", "_utils"},
     "layers": {"errors", "registry", "functional", "session", "modes", "_utils"},
     "points": {"errors", "registry", "functional", "session", "modes", "_utils"},
-    "output": {"errors", "registry", "config", "session", "layers", "_utils"},
+    "output": {"errors", "registry", "config", "session", "modes", "layers", "_utils"},
     "convert": {"errors", "registry", "config", "session", "modes", "layers", "points", "output", "_utils"},
     "inspection": {"errors", "registry", "convert", "layers", "_utils"},
     "blockwise": {"errors", "registry", "config", "functional", "session", "modes", "points", "convert", "_utils"},

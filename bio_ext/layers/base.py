@@ -20,7 +20,7 @@ from ..errors import ConfigError, FeedbackSignalError, Problem
 from ..functional import project_flat
 from ..modes.base import FeedbackSpec
 from ..registry import ModeSpec
-from ..session import FeedbackSession, output_hook, trace_hook
+from ..session import FeedbackSession, output_hook
 
 
 def _shell(module: nn.Module) -> nn.Module:
@@ -116,7 +116,7 @@ class FeedbackLayer(nn.Module):
         mod._parameters = OrderedDict(weight=self.weight, bias=self.bias)
         mod._buffers = OrderedDict(mod._buffers)
         mod._modules = OrderedDict()
-        copy_hooks(self, mod, skip=(output_hook, trace_hook))
+        copy_hooks(self, mod, skip=(output_hook,))
         mod.training = self.training
         return mod
 
