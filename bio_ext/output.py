@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ._utils.hooks import remove_hooks
+from ._utils.hooks import HOOK_DICTS, hook_function, remove_hooks
 from .config import ConvertConfig
 from .errors import AmbiguousOutputError, ConversionError, OutputDimError, OutputLayerError
 from .layers.base import FeedbackLayer
@@ -160,16 +160,32 @@ def settle(root: nn.Module, state, args, kwargs) -> None:
     :class:`~bio_ext.convert.BioExtState`."""
     expected, state.expected_output = state.expected_output, None
     token = activate(FeedbackSession(FeedbackBank(), state.output_dim, None, tangent_only=True))
+    saved = _only_own_hooks(root)  # the user's hooks do not see the probe
     try:
         found, tensors = probe(root, lambda: root.forward(*args, **kwargs), state.config.output_key)
     finally:
         reset(token)
+        for m, dicts in saved:
+            m.__dict__.update(dicts)
     if len(found) > 1:
         state.expected_output = expected  # refused at every forward until converted again
         raise _ambiguous(root, found)
     if found and set(found) != {expected}:
         ((name, where),) = found.items()
         _retarget(root, state, name, tensors[where[0]], expected)
+
+
+def _only_own_hooks(root: nn.Module):
+    """Leave only bio_ext's own forward (pre-)hooks on every module; returns what puts the others back."""
+    saved = []
+    for m in root.modules():
+        dicts = {name: getattr(m, name) for name in HOOK_DICTS if getattr(m, name, None) is not None}
+        saved.append((m, dicts))
+        own = {k for name in ("_forward_hooks", "_forward_pre_hooks") for k, h in dicts.get(name, {}).items()
+               if getattr(hook_function(h), "__module__", "").startswith("bio_ext")}
+        for name, d in dicts.items():  # the flag dicts (with_kwargs, always_call) share the hooks' keys
+            m.__dict__[name] = type(d)((k, h) for k, h in d.items() if k in own)
+    return saved
 
 
 def _retarget(root: nn.Module, state, name: str, tensor: torch.Tensor, guessed: str) -> None:
