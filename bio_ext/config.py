@@ -129,6 +129,9 @@ class ConvertConfig(RoundTrip):
             injected input gradient along its input (:func:`bio_ext.functional.tangential`), so
             the fixed random feedback turns the activity but does not grow it. Evidence:
             BENCHMARKS.md, "Deep networks: what grows under DFA".
+        strict: refuse (instead of warning about) modules with parameters that the conversion leaves on
+            plain backprop, and converted layers whose weight is used by another module: the rule is in
+            :mod:`bio_ext.audit`.
     """
 
     _WHAT = "bio_ext configuration"
@@ -152,6 +155,7 @@ class ConvertConfig(RoundTrip):
     conv_feedback: str = "kernel"
     input_shape: Optional[Tuple[int, ...]] = None
     tangential: bool = False
+    strict: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.input_shape, list):
@@ -195,6 +199,8 @@ class ConvertConfig(RoundTrip):
                 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in self.input_shape)):
             problems.append(f"input_shape: must be one example's shape as positive ints (e.g. [3, 32, 32]) or "
                             f"None, got {self.input_shape!r}")
+        if not isinstance(self.strict, bool):
+            problems.append(f"strict: must be true or false, got {self.strict!r}")
         if not isinstance(self.tangential, bool):
             problems.append(f"tangential: must be true or false, got {self.tangential!r}")
         if self.error_at not in ERROR_AT:

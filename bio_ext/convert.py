@@ -19,11 +19,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from . import audit as _audit
 from . import output as _output
 from . import points as _points
 from ._utils.hooks import remove_hooks
 from .config import ConvertConfig, require_bool
-from .errors import (AlreadyConvertedError, ConfigError, ConversionError, NothingToConvertError, OutputDimError,
+from .errors import (AlreadyConvertedError, BioExtWarning, ConfigError, ConversionError, NothingToConvertError, OutputDimError,
                      UnsupportedModuleError)
 from .layers.base import FeedbackLayer
 from .modes.base import feedback_generator
@@ -297,7 +298,7 @@ def _warn_inapplicable(cfg: ConvertConfig, spec: ModeSpec) -> None:
     if moot:
         warnings.warn(f"{', '.join(moot)} has no effect in mode {spec.name!r} ({spec.family} family: the feedback "
                       "is transported layer by layer, no output error is projected); it applies to direct modes "
-                      "(dfa, drtp, grape). Leave it unset for this mode.", UserWarning, stacklevel=3)
+                      "(dfa, drtp, grape). Leave it unset for this mode.", BioExtWarning, stacklevel=3)
 
 
 def _config_of(mode, output_dim: Optional[int], options) -> ConvertConfig:
@@ -330,6 +331,9 @@ def _convert_planned(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec) -> n
     out = _output.find(target, cfg, spec, guess) if guess is not None else _output.Output(dim=cfg.output_dim)
     if out.at_input:
         selected = [(n, h) for n, h in selected if n != out.layer]  # trains on the true error
+    if layered and spec.family != "bp":
+        by_design = {out.layer} if out.at_input else set()
+        _audit.report(target, cfg, spec.name, {n for n, _ in selected} | by_design, _matches)
     n_points = len(selected) if layered else len(point_plan) + 1
     if spec.rule.forward_gradient and n_points < 2:
         raise NothingToConvertError(

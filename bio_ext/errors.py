@@ -90,6 +90,10 @@ class OutputLayerError(ConversionError):
     model's output comes from. Raised by that forward, before a backward could train on the wrong error."""
 
 
+class StrictConversionError(ConversionError):
+    """``convert(..., strict=True)`` found modules it would leave on plain backprop (see :mod:`bio_ext.audit`)."""
+
+
 class UnsupportedModuleError(BioExtError, TypeError):
     """The model holds a module whose forward would bypass converted layers."""
 
@@ -138,3 +142,8 @@ class NonFiniteLossError(BioExtError, ValueError):
 class PartitionError(ConversionError):
     """A model cannot be split into blocks as asked (see :mod:`bio_ext.blockwise`). The model was left unchanged."""
 
+
+class BioExtWarning(UserWarning):
+    """Something bio_ext did as asked but that is likely not what was meant (a module left on backprop, an
+    ``exclude`` pattern that matches nothing, an option the mode ignores). Filter it with
+    ``warnings.filterwarnings("error", category=bio_ext.errors.BioExtWarning)`` to make it an error."""
