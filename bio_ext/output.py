@@ -175,14 +175,23 @@ def settle(root: nn.Module, state, args, kwargs) -> None:
         _retarget(root, state, name, tensors[where[0]], expected)
 
 
+#: the hooks that shape the forward (the error tap, feedback points): the only ones the first forward's probe keeps
+_TAP_HOOKS = {"bio_ext.session.output_hook", "bio_ext.session.input_tap_hook", "bio_ext.points.point_hook"}
+
+
+def _qualname(fn) -> str:
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}"
+
+
 def _only_own_hooks(root: nn.Module):
-    """Leave only bio_ext's own forward (pre-)hooks on every module; returns what puts the others back."""
+    """Leave only the tap and point hooks on every module (the user's hooks, and bio_ext's inspection hooks,
+    do not see the probe); returns what puts the others back."""
     saved = []
     for m in root.modules():
         dicts = {name: getattr(m, name) for name in HOOK_DICTS if getattr(m, name, None) is not None}
         saved.append((m, dicts))
         own = {k for name in ("_forward_hooks", "_forward_pre_hooks") for k, h in dicts.get(name, {}).items()
-               if getattr(hook_function(h), "__module__", "").startswith("bio_ext")}
+               if _qualname(hook_function(h)) in _TAP_HOOKS}
         for name, d in dicts.items():  # the flag dicts (with_kwargs, always_call) share the hooks' keys
             m.__dict__[name] = type(d)((k, h) for k, h in d.items() if k in own)
     return saved
