@@ -98,6 +98,10 @@ class UnsupportedModuleError(BioExtError, TypeError):
     """The model holds a module whose forward would bypass converted layers."""
 
 
+class NestedForwardADError(BioExtError, ValueError):
+    """GrAPE's forward would nest a forward-mode AD level in the user's own (see :mod:`bio_ext.modes.levels`)."""
+
+
 class OutputTypeError(BioExtError, TypeError):
     """The model returned something the error tap cannot find the output tensor in."""
 

@@ -12,7 +12,10 @@ One step, inside the user's ordinary ``model(x)`` / ``loss.backward()``:
    feedback. Tangents flow through everything in between (ReLU, BatchNorm,
    residual additions, pooling) by PyTorch's own forward-mode rules, and through
    the converted layers by their ``jvp``. The output layer's output tangent ``t``
-   is kept; the loss itself is computed without tangents.
+   is kept; the loss itself is computed without tangents. The level is shared
+   (:mod:`bio_ext.modes.levels`): GrAPE forwards in several threads run under one level, and
+   a forward inside the user's own ``fwAD.dual_level()`` runs under theirs (refused, with a
+   :class:`~bio_ext.errors.NestedForwardADError`, when its inputs carry the user's tangents).
 2. **Backward.** When the output error ``e = dL/d(output)`` (``N x D``) arrives,
    the per-example directional derivative is ``d_n = <e_n, t_n>`` (no forward pass
    through the loss is needed) and layer ``l``'s activity-perturbed forward
@@ -148,6 +151,7 @@ import torch.nn as nn
 from .._utils import rng
 from ..errors import Problem
 from ..session import FeedbackSession, activate, reset
+from . import levels
 from .base import register_mode
 from .direct import DirectFeedbackAlignment
 
@@ -202,7 +206,7 @@ class _Forward:
     the output's tangent, and what the extra tangent directions need and produce."""
 
     __slots__ = ("perturbations", "out_tangent", "examples", "generator", "replay", "replays", "main", "cursor",
-                 "level", "sdpa", "only_slot", "cycle")
+                 "level", "counted", "sdpa", "only_slot", "cycle")
 
     def __init__(self, generator: Optional[torch.Generator] = None, main: Optional[FeedbackSession] = None) -> None:
         self.perturbations: List[Optional[torch.Tensor]] = []
@@ -220,6 +224,8 @@ class _Forward:
         self.main = main
         self.cursor = 0
         self.level: Any = None
+        #: whether the level is GrAPE's own, counted (see :mod:`bio_ext.modes.levels`)
+        self.counted = False
         self.sdpa: Any = None
         #: perturb_layers='cycle': the one slot perturbed in this forward (None: all), and the model's
         #: [forwards seen, slots of the last one]
@@ -268,10 +274,10 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             seed = int(torch.randint(0, 2 ** 62, (1,)))
             fwd.generator = torch.Generator(device=device).manual_seed(seed)
             fwd.replay = (module, args, kwargs, rng.capture(device), directions, device)
+        fwd.level, fwd.counted = levels.enter(module, args, kwargs)  # may refuse: before anything is entered
         from torch.nn.attention import SDPBackend, sdpa_kernel
         fwd.sdpa = sdpa_kernel([SDPBackend.MATH])
         fwd.sdpa.__enter__()
-        fwd.level = fwAD.enter_dual_level()
 
     def enter(self, session, layer, x, info=None):
         fwd = session.rule_state
@@ -322,7 +328,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             if fwd.replay is not None and output is not None and fwd.out_tangent is not None:
                 self._replay_directions(session)  # still inside this forward's session and dual level
         finally:
-            fwAD.exit_dual_level(level=fwd.level)
+            levels.leave(fwd.level, fwd.counted)
             fwd.sdpa.__exit__(None, None, None)
 
     @staticmethod
