@@ -24,7 +24,7 @@ from . import output as _output
 from . import points as _points
 from ._utils.hooks import remove_hooks
 from .config import ConvertConfig, require_bool
-from .errors import (AlreadyConvertedError, BioExtWarning, ConfigError, ConversionError, NothingToConvertError, OutputDimError,
+from .errors import (AlreadyConvertedError, BioExtWarning, ConfigError, ConversionError, NothingToConvertError,
                      UnsupportedModuleError)
 from .layers.base import FeedbackLayer
 from .modes.base import feedback_generator
