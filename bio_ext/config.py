@@ -81,7 +81,7 @@ class ConvertConfig(RoundTrip):
     Attributes:
         mode: a registered mode (see :func:`bio_ext.available_modes`).
         output_dim: size of the model output's last dimension, for direct modes;
-            inferred from the model's last Linear/Conv1D when None.
+            inferred from the output layer when None.
         init: feedback initialisation: ``kaiming`` (PyTorch's own default for the
             layer type), ``xavier`` or ``normal`` (std ``1/sqrt(fan_in)``).
         scale: multiplies the feedback's initial standard deviation.
@@ -90,9 +90,9 @@ class ConvertConfig(RoundTrip):
             error keeps the norm of ``e``), ``mean`` (``e / (H_out W_out)``, the adjoint of
             global average pooling) or ``sum`` (``e`` everywhere, as biotorch does).
         output_layer: qualified name of the layer whose output is the model output the
-            error ``e`` is taken at (default: the last Linear/Conv1D registered in the
-            model, e.g. ``fc`` or ``lm_head``); ``""`` taps the root module's return value
-            instead. Tapping the output layer lets a loss computed inside ``forward``
+            error ``e`` is taken at (default: found from the data flow, the layer the returned
+            tensor comes from, e.g. ``fc`` or ``lm_head``: see :mod:`bio_ext.output`); ``""`` taps the root
+            module's return value instead. Tapping the output layer lets a loss computed inside ``forward``
             (transformers' ``labels=``) still deliver ``e``.
         include / exclude: glob patterns on qualified module names (``"features.*"``)
             selecting / skipping layers; an excluded module's whole subtree is skipped.
@@ -129,6 +129,9 @@ class ConvertConfig(RoundTrip):
             injected input gradient along its input (:func:`bio_ext.functional.tangential`), so
             the fixed random feedback turns the activity but does not grow it. Evidence:
             BENCHMARKS.md, "Deep networks: what grows under DFA".
+        strict: refuse (instead of warning about) modules with parameters that the conversion leaves on
+            plain backprop, and converted layers whose weight is used by another module: the rule is in
+            :mod:`bio_ext.audit`.
     """
 
     _WHAT = "bio_ext configuration"
@@ -152,6 +155,7 @@ class ConvertConfig(RoundTrip):
     conv_feedback: str = "kernel"
     input_shape: Optional[Tuple[int, ...]] = None
     tangential: bool = False
+    strict: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.input_shape, list):
@@ -195,6 +199,8 @@ class ConvertConfig(RoundTrip):
                 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in self.input_shape)):
             problems.append(f"input_shape: must be one example's shape as positive ints (e.g. [3, 32, 32]) or "
                             f"None, got {self.input_shape!r}")
+        if not isinstance(self.strict, bool):
+            problems.append(f"strict: must be true or false, got {self.strict!r}")
         if not isinstance(self.tangential, bool):
             problems.append(f"tangential: must be true or false, got {self.tangential!r}")
         if self.error_at not in ERROR_AT:

@@ -19,10 +19,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from . import audit as _audit
+from . import output as _output
 from . import points as _points
 from ._utils.hooks import remove_hooks
 from .config import ConvertConfig, require_bool
-from .errors import (AlreadyConvertedError, ConfigError, ConversionError, NothingToConvertError, OutputDimError,
+from .errors import (AlreadyConvertedError, BioExtWarning, ConfigError, ConversionError, NothingToConvertError,
                      UnsupportedModuleError)
 from .layers.base import FeedbackLayer
 from .modes.base import feedback_generator
@@ -89,21 +91,25 @@ class BioExtState:
     layer_names: List[str]
     output_layer: Optional[str] = None
     points: List[str] = field(default_factory=list)
+    #: the output layer convert() guessed without an example input, until a forward has confirmed it
+    #: (:mod:`bio_ext.output`); None once confirmed, or when it was given or found by a probe
+    expected_output: Optional[str] = None
     bank: FeedbackBank = field(default_factory=FeedbackBank)
     stack: List[Any] = field(default_factory=list)
     untapped: Any = None
 
     def __deepcopy__(self, memo):
         return BioExtState(self.config, self.mode, self.output_dim, list(self.layer_names), self.output_layer,
-                           list(self.points))
+                           list(self.points), self.expected_output)
 
     def __getstate__(self):
         return {"config": self.config.to_dict(), "mode": self.mode.name, "output_dim": self.output_dim,
-                "layer_names": self.layer_names, "output_layer": self.output_layer, "points": self.points}
+                "layer_names": self.layer_names, "output_layer": self.output_layer, "points": self.points,
+                "expected_output": self.expected_output}
 
     def __setstate__(self, s):
         self.__init__(ConvertConfig.from_dict(s["config"]), get_mode(s["mode"]), s["output_dim"],
-                      s["layer_names"], s["output_layer"], s.get("points", []))
+                      s["layer_names"], s["output_layer"], s.get("points", []), s.get("expected_output"))
 
 
 def state_of(model: nn.Module) -> Optional[BioExtState]:
@@ -119,6 +125,8 @@ def _root_pre_hook(module: nn.Module, args, kwargs):
         return None
     session = None
     if torch.is_grad_enabled():
+        if state.expected_output is not None:
+            _output.settle(module, state, args, kwargs)
         session = FeedbackSession(state.bank, state.output_dim, state.mode.rule)
         session.tangential = state.config.tangential
         session.owner = module
@@ -164,14 +172,20 @@ def _resolve(name: str) -> Union[type, Tuple[()]]:
     return obj if isinstance(obj, type) else ()
 
 
-def _plan(model: nn.Module, cfg: ConvertConfig) -> Tuple[List[Tuple[str, Handler]], List[str], Optional[str]]:
+def _plan(model: nn.Module, cfg: ConvertConfig) -> Tuple[List[Tuple[str, Handler]], List[str], Tuple[Optional[str],
+                                                                                               Optional[str]]]:
+    """The layers to convert, the modules refused, and (the last registered Linear/Conv1D, the last module
+    with a handler): the output layer guessed when no probe can tell (:func:`bio_ext.output.choose`)."""
     selected: List[Tuple[str, Handler]] = []
     refused: List[str] = []
     skipped_prefixes: List[str] = []
     last_out: Optional[str] = None
+    last_conv: Optional[str] = None
     for name, module in model.named_modules():
         if output_size(module) is not None:
             last_out = name
+        if handler_for(module) is not None:
+            last_conv = name
         if any(name == p or name.startswith(p + ".") for p in skipped_prefixes):
             continue
         if name and _matches(name, module, cfg.exclude, cfg.exclude_types):
@@ -188,7 +202,7 @@ def _plan(model: nn.Module, cfg: ConvertConfig) -> Tuple[List[Tuple[str, Handler
         if (cfg.include or cfg.include_types) and not _matches(name, module, cfg.include, cfg.include_types):
             continue
         selected.append((name, handler))
-    return selected, refused, last_out
+    return selected, refused, (last_out, last_conv)
 
 
 def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -229,7 +243,7 @@ def convert(model: nn.Module, mode: Union[str, ConvertConfig] = "dfa", *, output
             ``frsf``, ...), a whole-model method (``bwbpf``: :mod:`bio_ext.blockwise`),
             or a full :class:`ConvertConfig` (or a method's config).
         output_dim: size of the output's last dimension, for direct modes
-            (default: the ``out_features`` of the model's last Linear/Conv1D).
+            (default: the ``out_features`` of the output layer, found from the data flow: :mod:`bio_ext.output`).
         inplace: convert ``model`` itself; by default a deep copy is converted and
             ``model`` is left as it was.
         **options: any other field of :class:`ConvertConfig` (``include``,
@@ -293,7 +307,7 @@ def _warn_inapplicable(cfg: ConvertConfig, spec: ModeSpec) -> None:
     if moot:
         warnings.warn(f"{', '.join(moot)} has no effect in mode {spec.name!r} ({spec.family} family: the feedback "
                       "is transported layer by layer, no output error is projected); it applies to direct modes "
-                      "(dfa, drtp, grape). Leave it unset for this mode.", UserWarning, stacklevel=3)
+                      "(dfa, drtp, grape). Leave it unset for this mode.", BioExtWarning, stacklevel=3)
 
 
 def _config_of(mode, output_dim: Optional[int], options) -> ConvertConfig:
@@ -305,82 +319,10 @@ def _config_of(mode, output_dim: Optional[int], options) -> ConvertConfig:
     return mode
 
 
-def _head_sizes(module: nn.Module) -> Optional[Tuple[int, int]]:
-    """(in, out) sizes of an output layer, when it is a Linear/Conv1D."""
-    out = output_size(module)
-    if out is None:
-        return None
-    w = getattr(module, "weight", None)
-    if w is None or w.dim() != 2:
-        return None
-    return (w.shape[1], out) if w.shape[0] == out else (w.shape[0], out)
-
-
-def _is_lm_head(model: nn.Module, name: str, sizes: Tuple[int, int]) -> bool:
-    """Whether an output layer looks like a language model's vocabulary head: named ``lm_head``, tied to
-    an embedding of the model, or at least 8x wider than its input."""
-    if name.rsplit(".", 1)[-1] == "lm_head" or sizes[1] >= 8 * sizes[0]:
-        return True
-    weight = model.get_submodule(name).weight
-    return any(isinstance(m, nn.Embedding) and m.weight is weight for m in model.modules())
-
-
-@dataclass
-class _Output:
-    """Where a direct mode takes the error: the output layer, the error's size, and whether it is taken at
-    that layer's input (``error_at='head_input'``) rather than its output."""
-
-    layer: Optional[str] = None
-    dim: Optional[int] = None
-    at_input: bool = False
-
-
-def _find_output(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec, last_out: Optional[str]) -> _Output:
-    """The output layer and error size of a direct mode (checks every way the user's choice can be wrong)."""
-    out_layer = cfg.output_layer if cfg.output_layer is not None else last_out
-    if out_layer is None:
-        raise OutputDimError(
-            f"cannot find the output layer of {type(target).__name__} (it has no nn.Linear): pass "
-            "output_layer='' to take the error at the model's return value, with "
-            "output_dim=<size of the output's last dimension>")
-    try:
-        out_module = target.get_submodule(out_layer)
-    except AttributeError:
-        raise ConversionError(
-            f"output_layer={out_layer!r} is not a submodule of {type(target).__name__}; pass the qualified "
-            "name of the layer that produces the output (as in model.named_modules())") from None
-    sizes = _head_sizes(out_module) if out_layer else None
-    if cfg.error_at == "head_input" and sizes is None:
-        raise ConversionError(
-            f"error_at='head_input' needs an output layer that is a Linear/Conv1D, but "
-            f"{out_layer or '<root>'!r} is a {type(out_module).__name__}; pass output_layer=<its name> or "
-            "use error_at='output'")
-    if cfg.error_at == "head_input" and spec.rule.transforms_error:
-        raise ConversionError(
-            f"mode {spec.name!r} projects the class target recovered from the output error, which "
-            "error_at='head_input' does not see; use error_at='output' (or 'auto')")
-    at_input = sizes is not None and not spec.rule.transforms_error and (
-        cfg.error_at == "head_input" or (cfg.error_at == "auto" and _is_lm_head(target, out_layer, sizes)))
-    out_dim = cfg.output_dim
-    if at_input:
-        if out_dim is not None and out_dim != sizes[0]:
-            raise OutputDimError(
-                f"error_at='head_input' takes the error at the input of {out_layer!r}, of size {sizes[0]}, "
-                f"but output_dim={out_dim}; leave output_dim unset")
-        out_dim = sizes[0]
-    elif out_dim is None:
-        out_dim = output_size(out_module)
-        if out_dim is None:
-            raise OutputDimError(
-                f"cannot infer the output size of {type(target).__name__} from {out_layer or '<root>'!r}; "
-                "pass output_dim=<size of the output's last dimension>")
-    return _Output(out_layer, out_dim, at_input)
-
-
 def _convert_planned(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec) -> nn.Module:
     """Plan on ``target`` (which may be modified only once nothing can fail), then swap."""
     layered = cfg.granularity == "layer"
-    selected, refused, last_out = _plan(target, cfg)
+    selected, refused, last = _plan(target, cfg)
     if refused and layered:
         raise UnsupportedModuleError(
             "cannot convert: " + "; ".join(refused) + ". Skip these modules with "
@@ -394,9 +336,13 @@ def _convert_planned(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec) -> n
         raise NothingToConvertError(
             f"no layer to convert in {type(target).__name__}: bio_ext converts nn.Linear, nn.Conv2d and "
             "transformers Conv1D (check include/exclude if you set them)")
-    out = _find_output(target, cfg, spec, last_out) if spec.family == "direct" else _Output(dim=cfg.output_dim)
+    guess = _output.choose(target, cfg, *last) if spec.family == "direct" else None
+    out = _output.find(target, cfg, spec, guess) if guess is not None else _output.Output(dim=cfg.output_dim)
     if out.at_input:
         selected = [(n, h) for n, h in selected if n != out.layer]  # trains on the true error
+    if layered and spec.family != "bp":
+        by_design = {out.layer} if out.at_input else set()
+        _audit.report(target, cfg, spec.name, {n for n, _ in selected} | by_design, _matches)
     n_points = len(selected) if layered else len(point_plan) + 1
     if spec.rule.forward_gradient and n_points < 2:
         raise NothingToConvertError(
@@ -414,11 +360,11 @@ def _convert_planned(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec) -> n
         new.mode_options = dict(cfg.options)
         new_layers.append((name, new))
     # every layer is built: nothing below can fail, so the model is never half converted
-    return _install(target, cfg, spec, out, new_layers, point_plan, generator)
+    return _install(target, cfg, spec, out, new_layers, point_plan, generator, guess)
 
 
-def _install(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec, out: _Output, new_layers, point_plan,
-             generator) -> nn.Module:
+def _install(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec, out: _output.Output, new_layers, point_plan,
+             generator, guess: Optional[_output.Guess]) -> nn.Module:
     root = target
     for name, new in new_layers:
         if name:
@@ -427,7 +373,9 @@ def _install(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec, out: _Output
             root = new
     point_names = _points.install(root, point_plan, spec, out.dim, cfg.init, cfg.scale, generator,
                                   dict(cfg.options)) if point_plan else []
-    root.__dict__[STATE_ATTR] = BioExtState(cfg, spec, out.dim, [n for n, _ in new_layers], out.layer, point_names)
+    expected = guess.expected if guess is not None else None
+    root.__dict__[STATE_ATTR] = BioExtState(cfg, spec, out.dim, [n for n, _ in new_layers], out.layer, point_names,
+                                            expected)
     if spec.family == "direct":
         tap_module = root.get_submodule(out.layer)
         if out.at_input:

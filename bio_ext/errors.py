@@ -80,8 +80,26 @@ class OutputDimError(ConversionError):
     """The size of the model's output cannot be found, or does not match."""
 
 
+class AmbiguousOutputError(ConversionError):
+    """The model's output depends directly on several layers, so the layer whose error direct modes take
+    cannot be chosen for the user: pass ``output_layer=``."""
+
+
+class OutputLayerError(ConversionError):
+    """A forward showed that the output layer convert() guessed (it had no example input) is not the one the
+    model's output comes from. Raised by that forward, before a backward could train on the wrong error."""
+
+
+class StrictConversionError(ConversionError):
+    """``convert(..., strict=True)`` found modules it would leave on plain backprop (see :mod:`bio_ext.audit`)."""
+
+
 class UnsupportedModuleError(BioExtError, TypeError):
     """The model holds a module whose forward would bypass converted layers."""
+
+
+class NestedForwardADError(BioExtError, ValueError):
+    """GrAPE's forward would nest a forward-mode AD level in the user's own (see :mod:`bio_ext.modes.levels`)."""
 
 
 class OutputTypeError(BioExtError, TypeError):
@@ -127,3 +145,9 @@ class NonFiniteLossError(BioExtError, ValueError):
 
 class PartitionError(ConversionError):
     """A model cannot be split into blocks as asked (see :mod:`bio_ext.blockwise`). The model was left unchanged."""
+
+
+class BioExtWarning(UserWarning):
+    """Something bio_ext did as asked but that is likely not what was meant (a module left on backprop, an
+    ``exclude`` pattern that matches nothing, an option the mode ignores). Filter it with
+    ``warnings.filterwarnings("error", category=bio_ext.errors.BioExtWarning)`` to make it an error."""

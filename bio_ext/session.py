@@ -353,6 +353,28 @@ def output_hook(tap: Tuple[int, Any], module, args, output):
     return tap_output(output, session, *tap)
 
 
+def direct_sources(tensors, names: dict) -> dict:
+    """``{layer name: [indices]}``: the layers (autograd nodes in ``names``) each tensor of ``tensors``
+    (``(index, tensor)`` pairs) depends on directly, i.e. through no other such layer. The walk goes down
+    the autograd graph and stops at those nodes; through an :class:`ErrorTap` it follows only the tapped
+    tensor (its other inputs are feedback points' outputs, not part of the output's computation)."""
+    found: dict = {}
+    for index, tensor in tensors:
+        stack, seen = [tensor.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            name = names.get(node)
+            if name is not None:
+                found.setdefault(name, []).append(index)
+                continue
+            nexts = node.next_functions
+            stack.extend(n for n, _ in (nexts[:1] if isinstance(node, ErrorTap._backward_cls) else nexts))
+    return found
+
+
 def input_tap_hook(tap: Tuple[int, Any], module, args):
     """Forward pre-hook on the output layer for ``error_at='head_input'``: taps its input instead."""
     session = current_session(module)

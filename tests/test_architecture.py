@@ -30,7 +30,9 @@ LAYERS: Dict[str, Set[str]] = {
     "modes": {"errors", "registry", "functional", "session", "_utils"},
     "layers": {"errors", "registry", "functional", "session", "modes", "_utils"},
     "points": {"errors", "registry", "functional", "session", "modes", "_utils"},
-    "convert": {"errors", "registry", "config", "session", "modes", "layers", "points", "_utils"},
+    "output": {"errors", "registry", "config", "session", "modes", "layers", "_utils"},
+    "audit": {"errors", "config"},
+    "convert": {"errors", "registry", "config", "session", "modes", "layers", "points", "output", "audit", "_utils"},
     "inspection": {"errors", "registry", "convert", "layers", "_utils"},
     "blockwise": {"errors", "registry", "config", "functional", "session", "modes", "points", "convert", "_utils"},
     # old import paths kept as re-exports

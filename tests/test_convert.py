@@ -295,8 +295,10 @@ def test_nothing_to_convert():
 def test_output_size_that_cannot_be_found():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3))
     snap = snapshot(model)
-    with pytest.raises(errors.OutputDimError, match="output_layer=''"):
-        bio_ext.convert(model, "dfa", inplace=True)
+    # no Linear: the last Conv2d is taken as the output layer, with the error at the return value (issue 17);
+    # this model's output is a feature map, whose last dimension the forward names
+    with pytest.raises(errors.OutputDimError, match="output_dim=1"):
+        bio_ext.convert(model, "dfa")(torch.randn(2, 3, 5, 5))
     with pytest.raises(errors.OutputDimError, match="output_dim="):
         bio_ext.convert(model, "dfa", output_layer="", inplace=True)
     assert_untouched(model, snap)

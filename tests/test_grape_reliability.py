@@ -59,3 +59,49 @@ def test_logits_near_1e19_keep_grape_feedback_finite_as_dfa_does():
                 assert torch.isfinite(layer.grape_cos) and layer.grape_cos.abs() > 0, name
         for n, p in model.named_parameters():
             assert torch.isfinite(p.grad).all(), (mode, n)
+
+
+def _watch_inputs(model):
+    """Per converted layer (not the first), the gradient injected at its input, one entry per forward."""
+    seen = {}
+    for _, layer in bio_ext.feedback_layers(model)[1:]:
+        def pre(m, args):
+            slot = len(seen.setdefault(m, []))
+            seen[m].append(None)
+            args[0].register_hook(lambda g, m=m, slot=slot: seen[m].__setitem__(slot, g))
+        layer.register_forward_pre_hook(pre)
+    return seen
+
+
+def test_two_forwards_then_one_backward_step_the_feedback_once_per_forward_later_forward_first():
+    """The module docstring's statement: each forward's error steps the feedback in its own tap (the later
+    forward's first), and that forward's hidden gradients use the feedback right after its own step."""
+    model = bio_ext.convert(_mlp(), "grape", seed=0)
+    seen = _watch_inputs(model)
+    hidden = [layer for _, layer in bio_ext.feedback_layers(model)[1:]]
+    x1, x2, y = torch.randn(16, 4), torch.randn(16, 4), torch.randint(0, 3, (16,))
+    outs, snaps = [model(x1), model(x2)], {}
+    for i, out in enumerate(outs):
+        out.retain_grad()
+        out.register_hook(lambda g, i=i: snaps.__setitem__(i, [(int(m.feedback_steps), m.feedback.clone())
+                                                               for m in hidden]))
+    (F.cross_entropy(outs[0], y) + F.cross_entropy(outs[1], y)).backward()
+    assert [s for s, _ in snaps[1]] == [0, 0] and [s for s, _ in snaps[0]] == [1, 1]  # forward 2's tap first
+    for k, layer in enumerate(hidden):
+        assert int(layer.feedback_steps) == 2
+        mid, final = snaps[0][k][1], layer.feedback
+        assert not torch.equal(mid, final)
+        torch.testing.assert_close(seen[layer][1], outs[1].grad @ mid)  # projected right after its own step
+        torch.testing.assert_close(seen[layer][0], outs[0].grad @ final)
+
+
+def test_backward_twice_with_retain_graph_steps_the_feedback_twice():
+    model = bio_ext.convert(_mlp(), "grape", seed=0)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    loss = F.cross_entropy(model(x), y)
+    hidden = [layer for _, layer in bio_ext.feedback_layers(model)[1:]]
+    loss.backward(retain_graph=True)
+    first = [layer.feedback.clone() for layer in hidden]
+    loss.backward()
+    for layer, fb in zip(hidden, first):
+        assert int(layer.feedback_steps) == 2 and not torch.equal(layer.feedback, fb)

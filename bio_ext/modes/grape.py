@@ -12,7 +12,10 @@ One step, inside the user's ordinary ``model(x)`` / ``loss.backward()``:
    feedback. Tangents flow through everything in between (ReLU, BatchNorm,
    residual additions, pooling) by PyTorch's own forward-mode rules, and through
    the converted layers by their ``jvp``. The output layer's output tangent ``t``
-   is kept; the loss itself is computed without tangents.
+   is kept; the loss itself is computed without tangents. The level is shared
+   (:mod:`bio_ext.modes.levels`): GrAPE forwards in several threads run under one level, and
+   a forward inside the user's own ``fwAD.dual_level()`` runs under theirs (refused, with a
+   :class:`~bio_ext.errors.NestedForwardADError`, when its inputs carry the user's tangents).
 2. **Backward.** When the output error ``e = dL/d(output)`` (``N x D``) arrives,
    the per-example directional derivative is ``d_n = <e_n, t_n>`` (no forward pass
    through the loss is needed) and layer ``l``'s activity-perturbed forward
@@ -156,6 +159,22 @@ gradient are all finite; when one is not, it leaves every buffer (``feedback``,
 check is a ``torch.where`` on a 0-d tensor, so it needs no device sync. The cosine divides each
 side by its largest magnitude first, so logits of 1e19 (estimates whose float32 norm overflows)
 give a finite cosine and step.
+
+**How often the feedback steps.** Once each time a forward's output error arrives: every forward
+opens its own session (its own perturbations and output tangent), and the step runs in that
+session's error tap, right before the session projects ``e @ B``. So the count is per forward per
+backward pass through it, not per ``backward()`` call:
+
+* two forwards, then one ``backward()`` of the summed loss: two steps, one per forward, each from
+  that forward's error and estimate (in the order autograd reaches the two taps, the later forward
+  first); each forward's hidden gradients are projected with the feedback right after its own
+  step, so they differ (by about ``lr``) from a DFA-style sum with one fixed ``B``;
+* one forward, then ``backward(retain_graph=True)`` twice: two steps, both from the same error and
+  perturbation (the second sees the velocity and feedback of the first).
+
+For one step per optimizer step with gradient accumulation, accumulate over forwards with
+``feedback_lr`` divided by the number of micro-batches, or set ``feedback_lr=0`` on all but one
+(``layer.mode_options``). Tested in ``tests/test_grape_reliability.py``.
 """
 
 from __future__ import annotations
@@ -172,6 +191,7 @@ import torch.nn as nn
 from .._utils import rng
 from ..errors import FeedbackSignalError, Problem
 from ..session import FeedbackSession, activate, reset
+from . import levels
 from .base import register_mode
 from .direct import DirectFeedbackAlignment
 
@@ -230,7 +250,7 @@ class _Forward:
     the output's tangent, and what the extra tangent directions need and produce."""
 
     __slots__ = ("perturbations", "out_tangent", "examples", "generator", "replay", "replays", "main", "cursor",
-                 "level", "sdpa", "only_slot", "cycle", "off")
+                 "level", "counted", "sdpa", "only_slot", "cycle", "off")
 
     def __init__(self, generator: Optional[torch.Generator] = None, main: Optional[FeedbackSession] = None) -> None:
         self.perturbations: List[Optional[torch.Tensor]] = []
@@ -248,6 +268,8 @@ class _Forward:
         self.main = main
         self.cursor = 0
         self.level: Any = None
+        #: whether the level is GrAPE's own, counted (see :mod:`bio_ext.modes.levels`)
+        self.counted = False
         self.sdpa: Any = None
         #: perturb_layers='cycle': the one slot perturbed in this forward (None: all), and the model's
         #: [forwards seen, slots of the last one]
@@ -306,10 +328,10 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
         fwd.generator = torch.Generator(device=device).manual_seed(seed)
         if directions > 1:
             fwd.replay = (module, args, kwargs, rng.capture(device), directions, device)
+        fwd.level, fwd.counted = levels.enter(module, args, kwargs)  # may refuse: before anything is entered
         from torch.nn.attention import SDPBackend, sdpa_kernel
         fwd.sdpa = sdpa_kernel([SDPBackend.MATH])
         fwd.sdpa.__enter__()
-        fwd.level = fwAD.enter_dual_level()
 
     def enter(self, session, layer, x, info=None):
         fwd = session.rule_state
@@ -372,7 +394,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             if fwd.replay is not None and output is not None and fwd.out_tangent is not None:
                 self._replay_directions(session)  # still inside this forward's session and dual level
         finally:
-            fwAD.exit_dual_level(level=fwd.level)
+            levels.leave(fwd.level, fwd.counted)
             fwd.sdpa.__exit__(None, None, None)
 
     @staticmethod
