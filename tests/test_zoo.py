@@ -18,8 +18,12 @@ VISION = {
 }
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("arch", list(VISION))
+# vgg11 (133M parameters, 10-17 s a case on 2 cores) runs dfa in the default suite, every mode under -m slow
+CASES = [pytest.param(arch, mode, marks=[pytest.mark.slow] if arch == "vgg11" and mode != "dfa" else [])
+         for arch in VISION for mode in MODES]
+
+
+@pytest.mark.parametrize("arch, mode", CASES)
 def test_torchvision_model_converts_and_trains_with_finite_gradients(arch, mode):
     torch.manual_seed(0)
     model = VISION[arch]()
