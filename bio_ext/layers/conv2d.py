@@ -16,8 +16,8 @@ from torch.autograd import Function
 
 from ..errors import ConversionError, FeedbackSignalError
 from ..functional import (CONV_FEEDBACK, autocast_inputs, conv2d_input_grad, conv2d_param_grads,
-                          conv_feedback_elements, conv_padding, conv_projection, coverage_matrix, factored_projection, pad_input, project_flat,
-                          tangential)
+                          conv_feedback_elements, conv_padding, conv_projection, coverage_matrix, factored_projection,
+                          pad_input, project_flat, tangential)
 from ..modes.base import FeedbackSpec, init_bound
 from ..registry import ModeSpec, register_layer
 from ..session import current_session
