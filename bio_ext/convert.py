@@ -94,6 +94,8 @@ class BioExtState:
     #: the output layer convert() guessed without an example input, until a forward has confirmed it
     #: (:mod:`bio_ext.output`); None once confirmed, or when it was given or found by a probe
     expected_output: Optional[str] = None
+    #: whether a probe forward has looked for converted layers' weights used outside their forward (:mod:`bio_ext.audit`)
+    weights_checked: bool = False
     bank: FeedbackBank = field(default_factory=FeedbackBank)
     stack: List[Any] = field(default_factory=list)
     untapped: Any = None
@@ -115,6 +117,30 @@ class BioExtState:
 def state_of(model: nn.Module) -> Optional[BioExtState]:
     """The conversion state of a model converted by :func:`convert` (None for any other module)."""
     return model.__dict__.get(STATE_ATTR)
+
+
+@torch._dynamo.disable
+def _first_forward_hook(module: nn.Module, args, kwargs):
+    """The first forward with autograd of a model converted without a probe: look for converted layers' weights
+    used outside their forward (:mod:`bio_ext.audit`), warn or (``strict``) refuse, before the forward runs."""
+    state = state_of(module)
+    if state is None or state.weights_checked or not torch.is_grad_enabled():
+        return None
+    state.weights_checked = True
+    recorder = _audit.WeightUses(module, state.layer_names)
+    if state.mode.family == "direct" and state.expected_output is not None:
+        _output.settle(module, state, args, kwargs, recorder)  # finds the output layer in the same probe
+    else:
+        _output.probe_own_forward(module, state, args, kwargs, recorder)
+    _mark_outside_uses(module, recorder)
+    _audit.refuse_or_warn([], recorder.uses(), state.config.strict, state.mode.name, " (found at the first forward)")
+    return None
+
+
+def _mark_outside_uses(root: nn.Module, recorder) -> None:
+    for name in state_of(root).layer_names:
+        layer = root.get_submodule(name)
+        layer.weight_used_outside = tuple(sorted(recorder.found.get(name or "<root>", ())))
 
 
 @torch._dynamo.disable  # session logic stays out of torch.compile's graphs (ContextVar, forward-AD levels)
@@ -340,9 +366,12 @@ def _convert_planned(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec) -> n
     out = _output.find(target, cfg, spec, guess) if guess is not None else _output.Output(dim=cfg.output_dim)
     if out.at_input:
         selected = [(n, h) for n, h in selected if n != out.layer]  # trains on the true error
+    uses = None
     if layered and spec.family != "bp":
         by_design = {out.layer} if out.at_input else set()
-        _audit.report(target, cfg, spec.name, {n for n, _ in selected} | by_design, _matches)
+        names = [n for n, _ in selected]
+        uses = _audit.probe_outside_uses(target, names, cfg.input_shape) if cfg.input_shape is not None else None
+        _audit.report(target, cfg, spec.name, set(names) | by_design, _matches, uses.uses() if uses else ())
     n_points = len(selected) if layered else len(point_plan) + 1
     if spec.rule.forward_gradient and n_points < 2:
         raise NothingToConvertError(
@@ -360,7 +389,11 @@ def _convert_planned(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec) -> n
         new.mode_options = dict(cfg.options)
         new_layers.append((name, new))
     # every layer is built: nothing below can fail, so the model is never half converted
-    return _install(target, cfg, spec, out, new_layers, point_plan, generator, guess)
+    root = _install(target, cfg, spec, out, new_layers, point_plan, generator, guess)
+    if uses is not None:
+        state_of(root).weights_checked = True
+        _mark_outside_uses(root, uses)
+    return root
 
 
 def _install(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec, out: _output.Output, new_layers, point_plan,
@@ -382,6 +415,9 @@ def _install(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec, out: _output
             tap_module.register_forward_pre_hook(functools.partial(input_tap_hook, (out.dim, cfg.output_key)))
         else:
             tap_module.register_forward_hook(functools.partial(output_hook, (out.dim, cfg.output_key)))
+    if cfg.granularity == "layer" and spec.family != "bp":
+        root.register_forward_pre_hook(_first_forward_hook, with_kwargs=True)
+    if spec.family == "direct":
         root.register_forward_pre_hook(_root_pre_hook, with_kwargs=True)
         root.register_forward_hook(_root_hook, always_call=True)
     return root
@@ -427,7 +463,7 @@ def detach_feedback(model: nn.Module) -> None:
     converted layers: for a method that opens sessions of its own (block-wise training with a direct
     ``layer_mode`` gives every block a session fed by its local error)."""
     for m in model.modules():
-        remove_hooks(m, (_root_pre_hook, _root_hook, output_hook, input_tap_hook))
+        remove_hooks(m, (_first_forward_hook, _root_pre_hook, _root_hook, output_hook, input_tap_hook))
 
 
 #: a key of the ``copy.deepcopy`` memo of :func:`revert`'s copy: state objects that refuse to be deep-copied
@@ -470,7 +506,7 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     _points.uninstall(root)
     for m in [work, root, *root.modules()]:
         m.__dict__.pop(STATE_ATTR, None)
-        remove_hooks(m, (_root_pre_hook, _root_hook, output_hook, input_tap_hook))
+        remove_hooks(m, (_first_forward_hook, _root_pre_hook, _root_hook, output_hook, input_tap_hook))
     return root
 
 

@@ -30,6 +30,7 @@ An explicit ``output_layer`` is used as given, with no probe and no check.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Mapping
@@ -152,21 +153,29 @@ def choose(target: nn.Module, cfg: ConvertConfig, last_out: Optional[str], last_
     return Guess()
 
 
-def settle(root: nn.Module, state, args, kwargs) -> None:
-    """The first forward with autograd of a model converted without an example input: probe the forward
-    with its own arguments (a tangent-only session: converted layers build the graph, nothing registers)
-    and, when the output comes from another layer than the guess, move the error tap there (and rebuild
-    the feedback when its size changes) before the real forward runs. ``state`` is the root's
-    :class:`~bio_ext.convert.BioExtState`."""
-    expected, state.expected_output = state.expected_output, None
+def probe_own_forward(root: nn.Module, state, args, kwargs, recorder=None):
+    """:func:`probe` of the converted ``root``'s own forward with the arguments of its first forward: in a
+    tangent-only session (converted layers build the graph, nothing registers), with only the tap and point
+    hooks (the user's hooks do not see it), under ``recorder`` (a torch function mode, e.g.
+    :class:`~bio_ext.audit.WeightUses`) when given. ``state`` is the root's :class:`~bio_ext.convert.BioExtState`."""
     token = activate(FeedbackSession(FeedbackBank(), state.output_dim, None, tangent_only=True))
-    saved = _only_own_hooks(root)  # the user's hooks do not see the probe
+    saved = _only_own_hooks(root)
     try:
-        found, tensors = probe(root, lambda: root.forward(*args, **kwargs), state.config.output_key)
+        with recorder if recorder is not None else contextlib.nullcontext():
+            return probe(root, lambda: root.forward(*args, **kwargs), state.config.output_key)
     finally:
         reset(token)
         for m, dicts in saved:
             m.__dict__.update(dicts)
+
+
+def settle(root: nn.Module, state, args, kwargs, recorder=None) -> None:
+    """The first forward with autograd of a model converted without an example input: probe the forward
+    with its own arguments (:func:`probe_own_forward`) and, when the output comes from another layer than the
+    guess, move the error tap there (and rebuild the feedback when its size changes) before the real forward
+    runs."""
+    expected, state.expected_output = state.expected_output, None
+    found, tensors = probe_own_forward(root, state, args, kwargs, recorder)
     if len(found) > 1:
         state.expected_output = expected  # refused at every forward until converted again
         raise _ambiguous(root, found)

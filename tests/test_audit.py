@@ -120,3 +120,64 @@ def test_strict_is_a_validated_config_field_that_round_trips():
         bio_ext.ConvertConfig(strict="yes")
     with pytest.raises(errors.StrictConversionError):
         bio_ext.convert(Net(nn.LSTM(8, 8)), cfg)
+
+
+class Foreign(nn.Module):
+    """Its forward calls ``F.linear`` on a weight of a module it holds outside the module tree."""
+
+    def __init__(self, layer):
+        super().__init__()
+        object.__setattr__(self, "layer", layer)  # not a submodule: its weight is not registered here
+
+    def forward(self, h):
+        return F.linear(h, self.layer.weight)
+
+
+class Borrower(nn.Module):
+    """fc2's weight is used by ``where``: the root's forward (``"root"``) or a sibling module (``"foreign"``)."""
+
+    def __init__(self, where):
+        super().__init__()
+        self.where = where
+        self.fc1, self.fc2, self.out = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.foreign = Foreign(self.fc2)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        h = torch.tanh(self.fc2(h) + (F.linear(h, self.fc2.weight) if self.where == "root" else self.foreign(h)))
+        return self.out(h)
+
+
+USES = [(where, mode, probe) for where, caller in (("root", "<root>"), ("foreign", "foreign"))
+        for mode in ("dfa", "fa", "grape") for probe in ("convert", "first forward")]
+
+
+@pytest.mark.parametrize("where, mode, probe", USES, ids=["-".join(c) for c in USES])
+def test_a_weight_used_outside_its_layer_is_found_by_a_probe_warned_marked_and_refused_by_strict(where, mode, probe):
+    caller = "<root>" if where == "root" else "foreign"
+    kw = {"input_shape": (4,)} if probe == "convert" else {}
+    x = torch.randn(5, 4)
+    with pytest.warns(errors.BioExtWarning, match="used outside their own forward") as rec:
+        model = bio_ext.convert(Borrower(where), mode, **kw)
+        model(x).sum().backward()
+    msgs = [str(w.message) for w in rec if "outside their own forward" in str(w.message)]
+    assert len(msgs) == 1 and f"fc2 (used by {caller} (linear)" in msgs[0] and "fc1" not in msgs[0], msgs
+    assert (probe == "first forward") == ("first forward" in msgs[0])
+    assert model.fc2.weight_used_outside == (f"{caller} (linear)",) and model.out.weight_used_outside == ()
+    assert "weight also used outside this layer by" in repr(model.fc2)
+    _quiet(lambda: model(x).sum().backward())  # said once
+    plain = Borrower(where)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    with pytest.raises(errors.StrictConversionError, match=r"fc2 \(used by"):
+        bio_ext.convert(plain, mode, strict=True, inplace=True, **kw)(x)
+    if probe == "convert":  # refused before anything is swapped
+        assert type(plain.fc2) is nn.Linear and all(torch.equal(v, before[k]) for k, v in plain.state_dict().items())
+
+
+@pytest.mark.parametrize("mode", ["dfa", "fa", "grape"])
+def test_a_model_using_each_weight_in_its_own_layer_is_not_warned_at_its_first_forward(mode):
+    model = _quiet(lambda: bio_ext.convert(Net(nn.Identity()), mode))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", errors.BioExtWarning)
+        model(torch.randn(5, 4)).sum().backward()
+    assert all(layer.weight_used_outside == () for _, layer in bio_ext.feedback_layers(model))

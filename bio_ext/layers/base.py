@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -53,6 +53,10 @@ class FeedbackLayer(nn.Module):
     ``mode_spec`` the registered mode, ``feedback_spec`` what the rule was told when it
     created the feedback, ``mode_options`` the mode's options.
     """
+
+    #: modules that a probe forward saw using this layer's parameters outside its forward (``"<module>
+    #: (<function>)"``, :mod:`bio_ext.audit`): that use trains by backprop, whatever the mode
+    weight_used_outside: Tuple[str, ...] = ()
 
     def __init__(self, original: nn.Module, mode: ModeSpec, weight: nn.Parameter,
                  bias: Optional[nn.Parameter]) -> None:
@@ -123,4 +127,6 @@ class FeedbackLayer(nn.Module):
     def extra_repr(self) -> str:
         fb = self.__dict__["_buffers"].get("feedback")
         shape = tuple(fb.shape) if fb is not None else "weight"
-        return f"{self._layer_repr()}, mode={self.mode}, feedback={shape}"
+        shared = f", weight also used outside this layer by {', '.join(self.weight_used_outside)} (backprop there)" \
+            if self.weight_used_outside else ""
+        return f"{self._layer_repr()}, mode={self.mode}, feedback={shape}{shared}"
