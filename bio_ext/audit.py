@@ -51,6 +51,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from ._utils.probing import example_input, quiet_forward
 from .config import ConvertConfig
 from .errors import BioExtWarning, StrictConversionError
 
@@ -176,24 +177,17 @@ class WeightUses(TorchFunctionMode):
 
 
 def probe_outside_uses(model: nn.Module, layers: Sequence[str], input_shape) -> Optional[WeightUses]:
-    """Run one forward of zeros of ``input_shape`` (batch 2, eval mode, autograd on, training flags restored)
-    under :class:`WeightUses`; None when it cannot run (the first forward checks instead)."""
-    param = next(iter(model.parameters()), None)
-    flags = [(m, m.training) for m in model.modules()]
+    """Run one forward of zeros of ``input_shape`` (batch 2, eval mode, autograd on, training flags and random
+    number generators restored) under :class:`WeightUses`; None when it cannot run (the first forward checks instead)."""
     recorder = WeightUses(model, layers)
     try:
-        x = torch.zeros(2, *input_shape, dtype=param.dtype if param is not None else None,
-                        device=param.device if param is not None else None)
-        model.eval()
-        with torch.enable_grad(), recorder:
+        x = example_input(model, input_shape)
+        with quiet_forward(model), recorder:
             model(x)
     except Exception as exc:  # the check moves to the first forward, with the user's own arguments
         log.debug("weight-use probe of %s failed (%s: %s); the first forward checks instead", type(model).__name__,
                   type(exc).__name__, exc)
         return None
-    finally:
-        for m, flag in flags:
-            m.training = flag
     return recorder
 
 

@@ -23,6 +23,7 @@ from . import audit as _audit
 from . import output as _output
 from . import points as _points
 from ._utils.hooks import remove_hooks
+from ._utils.probing import example_input, quiet_forward
 from .config import ConvertConfig, require_bool
 from .errors import (AlreadyConvertedError, BioExtWarning, ConfigError, ConversionError, NothingToConvertError,
                      UnsupportedModuleError)
@@ -438,13 +439,9 @@ def _conv_input_grids(target: nn.Module, selected, cfg: ConvertConfig) -> Dict[s
                 lambda m, args, name=name: grids.setdefault(name, tuple(args[0].shape[-2:])) and None))
     if not handles:
         return grids
-    flags = [(m, m.training) for m in target.modules()]
-    param = next(iter(target.parameters()), None)
-    x = torch.zeros(2, *cfg.input_shape, dtype=param.dtype if param is not None else None,
-                    device=param.device if param is not None else None)
     try:
-        target.eval()
-        with torch.no_grad():
+        x = example_input(target, cfg.input_shape)
+        with quiet_forward(target, grad=False):
             target(x)
     except Exception as exc:
         raise ConversionError(
@@ -453,8 +450,6 @@ def _conv_input_grids(target: nn.Module, selected, cfg: ConvertConfig) -> Dict[s
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags:
-            m.training = flag
     return grids
 
 

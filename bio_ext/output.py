@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from ._utils.hooks import HOOK_DICTS, hook_function, remove_hooks
+from ._utils.probing import example_input, quiet_forward
 from .config import ConvertConfig
 from .errors import AmbiguousOutputError, ConversionError, OutputDimError, OutputLayerError
 from .layers.base import FeedbackLayer
@@ -85,8 +86,9 @@ def _ambiguous(model: nn.Module, found: Dict[str, list]) -> AmbiguousOutputError
 
 
 def probe(target: nn.Module, run: Callable[[], Any], key) -> Tuple[Dict[str, list], Dict[Any, torch.Tensor]]:
-    """Run ``run()`` (a forward of ``target``) in eval mode with autograd on, training flags restored:
-    the layers the returned tensors depend on directly, and those tensors."""
+    """Run ``run()`` (a forward of ``target``) in eval mode with autograd on, training flags and the random
+    number generators restored (a mode that draws at every forward, ``brsf``, and the user's own draws see the
+    same stream as without the probe): the layers the returned tensors depend on directly, and those tensors."""
     trace: Dict[Any, str] = {}
 
     def record(name, out):
@@ -94,16 +96,12 @@ def probe(target: nn.Module, run: Callable[[], Any], key) -> Tuple[Dict[str, lis
             trace[out.grad_fn] = name
 
     handles = [m.register_forward_hook(lambda m, a, o, n=n: record(n, o)) for n, m in candidates(target).items()]
-    flags = [(m, m.training) for m in target.modules()]
     try:
-        target.eval()
-        with torch.enable_grad():
+        with quiet_forward(target):
             out = run()
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags:
-            m.training = flag
     tensors = output_tensors(out, key)
     return direct_sources(tensors, trace), dict(tensors)
 
@@ -111,10 +109,8 @@ def probe(target: nn.Module, run: Callable[[], Any], key) -> Tuple[Dict[str, lis
 def probe_example(target: nn.Module, cfg: ConvertConfig) -> Tuple[Dict[str, list], Dict[Any, torch.Tensor]]:
     """:func:`probe` with zeros of ``cfg.input_shape`` (batch 2). ``({}, {})`` when it cannot run (an input
     that is not a float tensor, e.g. token ids): the first forward probes instead."""
-    param = next(iter(target.parameters()), None)
     try:
-        x = torch.zeros(2, *cfg.input_shape, dtype=param.dtype if param is not None else None,
-                        device=param.device if param is not None else None)
+        x = example_input(target, cfg.input_shape)
         return probe(target, lambda: target(x), cfg.output_key)
     except Exception as exc:  # an optimisation: the first forward finds the output layer instead
         log.debug("output-layer probe of %s failed (%s: %s); the first forward probes instead", type(target).__name__,

@@ -108,3 +108,31 @@ def test_squeezenet_output_from_a_conv2d_converts_and_trains_a_dfa_step_without_
     hidden = model.features[0].weight.grad
     assert hidden is not None and torch.isfinite(hidden).all() and hidden.abs().sum() > 0
     opt.step()
+
+
+@pytest.mark.parametrize("mode", ["dfa", "brsf", "grape"])
+@pytest.mark.parametrize("input_shape", [None, (6,)], ids=["first-forward-probe", "convert-probe"])
+def test_probe_forwards_leave_the_random_streams_as_they_found_them(mode, input_shape):
+    """The probes convert and the first forward run (output layer, weight uses) draw nothing from the user's
+    stream: a dropout mask, brsf's redraw and GrAPE's directions at the first real forward are the ones the
+    same seed gives a model whose probes already ran."""
+    def build():
+        torch.manual_seed(0)
+        return bio_ext.convert(nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 8),
+                                             nn.ReLU(), nn.Linear(8, 3)), mode, seed=1, input_shape=input_shape)
+    x = torch.randn(4, 6)
+    fresh, probed = build(), build()
+    probed(x)  # its probes are done (a forward without backward: no feedback update)
+    outs, grads, after = [], [], []
+    for model in (fresh, probed):
+        torch.manual_seed(5)
+        out = model(x)
+        out.sum().backward()
+        outs.append(out.detach())
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        after.append(torch.rand(3))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    assert len(grads[0]) == len(grads[1]) == 6
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(after[0], after[1], rtol=0, atol=0)
