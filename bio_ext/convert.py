@@ -229,12 +229,12 @@ def _plan(model: nn.Module, cfg: ConvertConfig) -> Tuple[List[Tuple[str, Handler
     refused: List[str] = []
     skipped_prefixes: List[str] = []
     last_out: Optional[str] = None
-    last_conv: Optional[str] = None
+    last_handled: Optional[str] = None
     for name, module in model.named_modules():
         if output_size(module) is not None:
             last_out = name
         if handler_for(module) is not None:
-            last_conv = name
+            last_handled = name
         if any(name == p or name.startswith(p + ".") for p in skipped_prefixes):
             continue
         if name and _matches(name, module, cfg.exclude, cfg.exclude_types):
@@ -251,7 +251,7 @@ def _plan(model: nn.Module, cfg: ConvertConfig) -> Tuple[List[Tuple[str, Handler
         if (cfg.include or cfg.include_types) and not _matches(name, module, cfg.include, cfg.include_types):
             continue
         selected.append((name, handler))
-    return selected, refused, (last_out, last_conv)
+    return selected, refused, (last_out, last_handled)
 
 
 def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -120,7 +120,7 @@ class Guess:
     returned: bool = False
 
 
-def choose(target: nn.Module, cfg: ConvertConfig, last_out: Optional[str], last_conv: Optional[str],
+def choose(target: nn.Module, cfg: ConvertConfig, last_out: Optional[str], last_handled: Optional[str],
            traced: bool = False) -> Guess:
     """Where to tap (see the module): the explicit ``output_layer``, else the probe's answer, else a guess.
     ``traced``: the mode's layers trace under ``torch.compile``; an explicit ``output_layer`` is then probed
@@ -140,8 +140,8 @@ def choose(target: nn.Module, cfg: ConvertConfig, last_out: Optional[str], last_
             return Guess("", dim=int(t.shape[-1]) if t.dim() else None)
     if last_out is not None:
         return Guess(last_out, expected=last_out)
-    if last_conv is not None:
-        return Guess("", expected=last_conv, dim=getattr(target.get_submodule(last_conv), "out_channels", None))
+    if last_handled is not None:
+        return Guess("", expected=last_handled, dim=getattr(target.get_submodule(last_handled), "out_channels", None))
     return Guess()
 
 
