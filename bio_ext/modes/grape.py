@@ -188,6 +188,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 
+from .. import distributed
 from .._utils import rng
 from ..errors import FeedbackSignalError, Problem
 from ..session import FeedbackSession, activate, reset
@@ -250,7 +251,7 @@ class _Forward:
     the output's tangent, and what the extra tangent directions need and produce."""
 
     __slots__ = ("perturbations", "out_tangent", "examples", "generator", "replay", "replays", "main", "cursor",
-                 "level", "counted", "sdpa", "only_slot", "cycle", "off")
+                 "level", "counted", "sdpa", "only_slot", "cycle", "off", "seed", "group")
 
     def __init__(self, generator: Optional[torch.Generator] = None, main: Optional[FeedbackSession] = None) -> None:
         self.perturbations: List[Optional[torch.Tensor]] = []
@@ -277,6 +278,10 @@ class _Forward:
         self.cycle: Optional[List[int]] = None
         #: no tangents in this forward (activation checkpointing): the step is DFA's, the feedback stays
         self.off = False
+        #: the perturbation generator's seed (this rank's, under torch.distributed)
+        self.seed: Optional[int] = None
+        #: the process group the feedback steps are all-reduced over (:mod:`bio_ext.distributed`), or None
+        self.group: Any = None
 
 
 @register_mode("grape", family="direct",
@@ -325,6 +330,10 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
         directions = options.get("directions", 1)
         device = next(module.parameters()).device
         seed = int(torch.randint(0, 2 ** 62, (1,)))
+        fwd.group = distributed.feedback_group(module)
+        if fwd.group is not None:  # a stream of each rank's own: perturbations are per-example noise
+            seed = distributed.rank_seed(seed, distributed.group_rank(fwd.group))
+        fwd.seed = seed
         fwd.generator = torch.Generator(device=device).manual_seed(seed)
         if directions > 1:
             fwd.replay = (module, args, kwargs, rng.capture(device), directions, device)
@@ -449,6 +458,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
 
         tangents = [(fwd.perturbations, fwd.out_tangent)] + [(us, t) for us, t in fwd.replays if t is not None]
         directions = None  # (perturbations, d) per tangent direction, computed when a layer needs them
+        synced = []  # under torch.distributed: the steps whose statistics are all-reduced together
         for slot, layer in enumerate(session.layers):
             u = fwd.perturbations[slot] if slot < len(fwd.perturbations) else None
             if u is None or layer is None:
@@ -470,10 +480,16 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
                 # B against the output's Jacobian: each direction's output tangent t = J u, projected
                 # through B as the error is, is compared with the perturbation u itself (E[t u^T] = J)
                 t = torch.cat([t.detach().to(wide).reshape(e.shape) for _, t in pairs])
-                self.step(layer, t, torch.cat([uk.reshape(n, -1) for uk, _ in pairs]).to(wide),
-                          session.infos[slot], opts, estimate=g)
+                call = (layer, t, torch.cat([uk.reshape(n, -1) for uk, _ in pairs]).to(wide), session.infos[slot],
+                        opts, g)
             else:
-                self.step(layer, e, g, session.infos[slot], opts)
+                call = (layer, e, g, session.infos[slot], opts, None)
+            if fwd.group is not None and opts["feedback_lr"] != 0:
+                synced.append(call)
+            else:
+                self.step(*call[:5], estimate=call[5])
+        if synced:
+            self.step_synced(synced, fwd.group)
 
     @staticmethod
     def step(layer, e: torch.Tensor, g: torch.Tensor, info, opts, estimate: Optional[torch.Tensor] = None) -> None:
@@ -503,6 +519,59 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             if lr == 0:
                 return
             apply_step(layer, fb, grad, finite(e, g, grad), lr, mom, half)
+
+
+    @staticmethod
+    def step_synced(calls, group) -> None:
+        """:meth:`step` for every layer of ``calls`` (``(layer, e, g, info, opts, estimate)``) on the global batch
+        of ``group`` (:mod:`bio_ext.distributed`): one ``all_reduce`` of every layer's statistics.
+
+        The mini-batch cosine ``<P, g> / (||P|| ||g||)`` with ``P = project(e, B)`` linear in ``B`` and a sum
+        over examples in each of its three parts, so its gradient on the concatenated batch is
+        ``grad<P,g> / (||P|| ||g||) - <P,g> grad||P||^2 / (2 ||P||^3 ||g||)`` of the sums over ranks. Each rank
+        computes its parts divided by its largest magnitudes (as :func:`batch_cosine`, so float32 does not
+        overflow), then scales them back in float64 (exact up to about 1e150), and the sums are reduced with
+        a count of ranks whose error, estimate or gradients are not finite (any: no rank steps)."""
+        wide = torch.float64
+        parts, pending = [], []
+        for layer, e, g, info, opts, estimate in calls:
+            fb = layer.feedback
+            dtype = torch.promote_types(e.dtype, fb.dtype)
+            e, g = e.to(dtype), g.to(dtype)
+            tiny = torch.finfo(dtype).tiny
+            with torch.enable_grad(), torch.autocast(e.device.type, enabled=False):
+                b = fb.detach().to(dtype).requires_grad_(True)
+                p = layer.project_error(e.detach(), b, info)
+                width = p[0].numel()
+                if width != g.shape[1]:  # several positions (tokens) per example: see step()
+                    g = g.reshape(g.shape[0], -1, width).sum(1)
+                sp = p.detach().abs().amax().clamp_min(tiny)
+                sg = g.abs().amax().clamp_min(tiny)
+                a, c = (p / sp).reshape(-1), (g / sg).reshape(-1)
+                (grad_ac,) = torch.autograd.grad(a, b, c, retain_graph=True)  # grad <a, c>
+                (grad_aa,) = torch.autograd.grad(a, b, 2 * a.detach())  # grad ||a||^2
+            spw, sgw = sp.to(wide), sg.to(wide)
+            a = a.detach()
+            stats = torch.stack([(a @ c).to(wide) * (spw * sgw), (a @ a).to(wide) * (spw * spw),
+                                 (c @ c).to(wide) * (sgw * sgw), (~finite(e, g, grad_ac, grad_aa)).to(wide)])
+            parts += [grad_ac.reshape(-1).to(wide) * (spw * sgw), grad_aa.reshape(-1).to(wide) * (spw * spw), stats]
+            pending.append((layer, fb, b.numel(), dtype, g, opts, estimate))
+        flat = distributed.all_reduce_sum(torch.cat(parts), group)
+        offset = 0
+        with torch.no_grad():
+            for layer, fb, size, dtype, g, opts, estimate in pending:
+                grad_pg, grad_pp = flat[offset:offset + size], flat[offset + size:offset + 2 * size]
+                pg, pp, gg, bad = flat[offset + 2 * size:offset + 2 * size + 4].unbind()
+                offset += 2 * size + 4
+                norms = (pp * gg).sqrt().clamp_min(torch.finfo(wide).tiny)
+                cos = pg / norms
+                grad = (grad_pg / norms - grad_pp * (cos / (2 * pp.clamp_min(torch.finfo(wide).tiny))))
+                grad = grad.reshape(fb.shape).to(dtype)
+                layer.grape_cos = cos.to(dtype)
+                if opts["keep_estimate"]:
+                    layer.forward_gradient = (g if estimate is None else estimate).detach()
+                ok = (bad == 0) & torch.isfinite(grad).all()
+                apply_step(layer, fb, grad, ok, opts["feedback_lr"], opts["momentum"], opts["feedback_lr_halflife"])
 
 
 CHECKPOINTING_WARNING = (
