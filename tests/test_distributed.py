@@ -1,0 +1,134 @@
+"""DistributedDataParallel with 2 CPU ranks (gloo) in every mode: the all-reduced gradients against one process
+on the whole batch, GrAPE's feedback kept identical across ranks (bio_ext.distributed), and the YAML runner
+under torchrun.
+
+One spawn of 2 ranks (tests/ddp_worker.py) trains every case; the tests compare its results with the same
+training in this process (float64, so the tolerances are tight)."""
+
+import os
+import time
+
+import pytest
+import torch
+
+import bio_ext
+from bio_ext import distributed
+from bio_ext.errors import ConfigError
+
+import ddp_worker as W
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+TIGHT = {"rtol": 1e-12, "atol": 1e-14}
+
+
+def spawn(fn, args, nprocs, timeout=180.0):
+    """Run ``fn(rank, *args)`` in ``nprocs`` spawned processes; fail (and end them) after ``timeout`` seconds."""
+    ctx = torch.multiprocessing.start_processes(fn, args=args, nprocs=nprocs, start_method="spawn", join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            pytest.fail(f"the {nprocs} ranks did not finish in {timeout:.0f} s (a collective that not every rank ran?)")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    spawn(W.run_rank, (str(out / "store"), str(out)), W.WORLD)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(W.WORLD)]
+
+
+def _close(a, b, what, **tol):
+    assert a.keys() == b.keys(), what
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], msg=lambda m: f"{what} {n}: {m}", **(tol or TIGHT))
+
+
+def _reference(factory, mode, opts):
+    x, y = W.data(factory)
+    if mode == "grape":
+        with W.rank_perturbations():
+            return W.train(W.build(factory, mode, opts), x, y)
+    return W.train(W.build(factory, mode, opts), x, y)
+
+
+@pytest.mark.parametrize("factory,mode,opts", W.GRADIENT_CASES, ids=[W.case_name(*c) for c in W.GRADIENT_CASES])
+def test_all_reduced_gradient_is_the_whole_batch_gradient(ranks, factory, mode, opts):
+    """Equal shards, mean-reduced loss: DDP's average of the per-rank gradients is the single-process gradient of
+    the whole batch, at every step (so the parameters after the steps agree too), on both ranks."""
+    name = W.case_name(factory, mode, opts)
+    ref = _reference(factory, mode, opts)
+    for rank, got in enumerate(ranks):
+        for step, (g, r) in enumerate(zip(got[name]["grads"], ref["grads"])):
+            _close(g, r, f"rank {rank} step {step} gradient")
+        _close(got[name]["params"], ref["params"], f"rank {rank} parameter")
+        _close(got[name]["buffers"], ref["buffers"], f"rank {rank} buffer")
+    for n, p in ranks[0][name]["params"].items():  # DDP's all-reduce: the very same bits on every rank
+        assert torch.equal(p, ranks[1][name]["params"][n]), n
+
+
+SYNCED = [c for c in W.GRAPE_CASES if c[2] != "plain" and c[3] == "auto"] + [c for c in W.GRAPE_CASES if c[3] == "world"]
+
+
+@pytest.mark.parametrize("factory,opts,how,sync", SYNCED, ids=[W.case_name(c[0], "grape", *c[1:]) for c in SYNCED])
+def test_grape_feedback_is_identical_across_ranks_and_equals_the_whole_batch(ranks, factory, opts, how, sync):
+    """GrAPE's feedback step uses the global batch: after the steps every buffer (feedback, velocity, step count)
+    is bit-identical on both ranks, with DDP's broadcast_buffers on ("ddp") and off ("ddp-local"); under DDP it
+    equals one process stepping on the concatenated batch with the same perturbations, and so do the gradients."""
+    name = W.case_name(factory, "grape", opts, how, sync)
+    r0, r1 = ranks[0][name], ranks[1][name]
+    for n, b in r0["buffers"].items():
+        assert torch.equal(b, r1["buffers"][n]), f"{n} differs between the ranks"
+    steps = [b for n, b in r0["buffers"].items() if n.endswith("feedback_steps")]
+    assert {int(s) for s in steps} == {0, W.STEPS}  # the first layer (its input needs no gradient) never steps
+    initial = W.build(factory, "grape", opts).state_dict()
+    moved = [n for n, b in r0["buffers"].items() if n.endswith("feedback") and not torch.equal(b, initial[n])]
+    assert moved, "no feedback turned"
+    if how == "plain":  # each rank trains its own weights: only the feedback is shared
+        return
+    ref = _reference(factory, "grape", opts)
+    _close(r0["buffers"], ref["buffers"], "buffer")
+    for step, (g, r) in enumerate(zip(r0["grads"], ref["grads"])):
+        _close(g, r, f"step {step} gradient")
+
+
+@pytest.mark.parametrize("how", ["ddp-local", "ddp", "plain"])
+def test_grape_without_sync_keeps_each_ranks_own_feedback(ranks, how):
+    """sync_feedback(model, None) (or a model outside DDP, with the default "auto"): nothing is communicated,
+    each rank steps from its shard and the feedback differs between the ranks (with broadcast_buffers=True
+    DDP puts rank 0's back at every forward, discarding rank 1's steps: the last step's still differ)."""
+    sync = "auto" if how == "plain" else "off"
+    name = W.case_name("mlp", "grape", {}, how, sync)
+    r0, r1 = ranks[0][name], ranks[1][name]
+    fbs = [n for n in r0["buffers"] if n.endswith("feedback")]
+    assert any(not torch.equal(r0["buffers"][n], r1["buffers"][n]) for n in fbs)
+
+
+def test_grape_skips_the_step_on_every_rank_when_one_rank_is_not_finite(ranks):
+    """A NaN in rank 1's shard: the reduced count of non-finite inputs stops the step on both ranks, which keep
+    the same feedback (that of the first step) and both count the skip."""
+    first0, second0 = ranks[0]["nonfinite"]
+    first1, second1 = ranks[1]["nonfinite"]
+    for n, b in second0.items():
+        assert torch.equal(b, second1[n]), n
+        if n.endswith("feedback") or n.endswith("feedback_velocity") or n.endswith("feedback_steps"):
+            assert torch.equal(b, first0[n]), n
+    stepping = [n[:-len("steps")] for n, b in first0.items() if n.endswith("feedback_steps") and int(b) == 1]
+    assert len(stepping) == 2  # the two layers after the first
+    assert all(int(second0[n + "skips"]) == 1 and int(second1[n + "skips"]) == 1 for n in stepping)
+    assert all(int(first0[n + "skips"]) == 0 for n in stepping)
+
+
+def test_sync_feedback_settings():
+    model = bio_ext.convert(W.mlp(), "grape", seed=0)
+    assert distributed.sync_feedback(model, None) is model
+    assert distributed.feedback_group(model) is None
+    distributed.sync_feedback(model)  # back to auto: no process group here, so none
+    assert distributed.feedback_group(model) is None
+    with pytest.raises(ConfigError, match="'auto', None/False or a torch.distributed process group"):
+        distributed.sync_feedback(model, "world")
+    assert distributed.rank_seed(5, 0) == 5 and distributed.rank_seed(5, 1) != 5
