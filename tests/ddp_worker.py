@@ -99,8 +99,10 @@ def shard(t, rank):
     return t[:, rank * n:(rank + 1) * n]
 
 
-def run_rank(rank, init_file, out_dir):
-    """Every case on this rank (DDP over a gloo group of WORLD ranks); one file of results per rank."""
+def run_rank(rank, init_file, out_dir, runner_argv=None, port=None):
+    """Every case on this rank (DDP over a gloo group of WORLD ranks); one file of results per rank. Then, with
+    ``runner_argv``, the YAML runner's command line as torchrun starts it (its environment: RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT), the runner starting its own process group."""
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", FutureWarning)  # broadcast_buffers is deprecated in newer torch
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -121,6 +123,12 @@ def run_rank(rank, init_file, out_dir):
         out["nonfinite"] = nonfinite(rank)
     finally:
         torch.distributed.destroy_process_group()
+    if runner_argv is not None:
+        from bio_ext.benchmark.__main__ import main
+        os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        out["runner_exit"] = main(list(runner_argv))
+        out["runner_group_left"] = torch.distributed.is_initialized()
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

@@ -35,10 +35,40 @@ def spawn(fn, args, nprocs, timeout=180.0):
             pytest.fail(f"the {nprocs} ranks did not finish in {timeout:.0f} s (a collective that not every rank ran?)")
 
 
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def runner_dirs(tmp_path_factory):
+    """The runner's experiment as the ranks find it (see test_runner_in_2_ranks_...), and the reference run."""
+    from bio_ext.benchmark import load_config, run_experiment
+    tmp = tmp_path_factory.mktemp("runner")
+    single = run_experiment(load_config(str(_runner_config(tmp / "single.yaml", tmp / "single"))))
+    cfg_path = _runner_config(tmp / "ddp.yaml", tmp / "ddp", gpus="[0, 1]")  # no CUDA here: CPU, gloo
+
+    class Killed(Exception):
+        pass
+
+    def kill(run, epoch):
+        raise Killed
+
+    with pytest.raises(Killed):
+        run_experiment(load_config(str(cfg_path)), on_epoch_end=kill)
+    root = tmp / "ddp" / "tiny"
+    assert (root / "dfa" / "seed_0" / "checkpoint.pt").is_file() and not (root / "bwbpf").exists()
+    return single, cfg_path, root
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory, runner_dirs):
+    """One spawn of 2 ranks: every DDP case, then the YAML runner with torchrun's environment."""
     out = tmp_path_factory.mktemp("ddp")
-    spawn(W.run_rank, (str(out / "store"), str(out)), W.WORLD)
+    argv = [str(runner_dirs[1]), "--resume", "--no-progress"]
+    spawn(W.run_rank, (str(out / "store"), str(out), argv, _free_port()), W.WORLD)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(W.WORLD)]
 
 
@@ -132,3 +162,85 @@ def test_sync_feedback_settings():
     with pytest.raises(ConfigError, match="'auto', None/False or a torch.distributed process group"):
         distributed.sync_feedback(model, "world")
     assert distributed.rank_seed(5, 0) == 5 and distributed.rank_seed(5, 1) != 5
+
+
+# --------------------------------------------------------------------------- the YAML runner under torchrun
+
+RUNNER_CONFIG = """
+experiment: {{name: tiny, output_dir: {out}, seeds: [0], deterministic: true}}
+data: {{dataset: digits, val_fraction: 0.1, limit: 256}}
+model:
+  architecture: mlp
+  kwargs: {{hidden: [32, 32], activation: tanh}}
+  mode: {{type: [dfa, bwbpf], mode_options: {{bwbpf: {{blocks: 2}}}}}}
+training:
+  hyperparameters: {{epochs: 2, batch_size: 64}}
+  optimizer: {{type: sgd, lr: 0.1}}
+  lr_scheduler: {{type: none}}
+  metrics: {{display_iterations: 3}}
+infrastructure: {{gpus: {gpus}, threads: 1}}
+"""
+
+
+def _runner_config(path, out, gpus="-1"):
+    path.write_text(RUNNER_CONFIG.format(out=out, gpus=gpus), encoding="utf-8")
+    return path
+
+
+def _check_runner_outputs(single, root):
+    """Rank 0 alone wrote results, checkpoints and TensorBoard; the dfa run continued from the single process's
+    checkpoint, bwbpf trained from scratch on 2 ranks (32 examples each per global batch of 64), and both end
+    with the metrics of an uninterrupted single-process run (accuracies the same, losses to float rounding:
+    DDP averages the two halves' gradients)."""
+    import json
+
+    from bio_ext.benchmark.tracking import read_scalars
+
+    for run in single.runs:
+        folder = root / run.mode / "seed_0"
+        got = json.loads((folder / "results.json").read_text())
+        assert got["status"] == "finished" and len(got["history"]) == 2
+        for mine, ref in zip(got["history"], run.history):
+            assert mine["step"] == ref["step"] == 4 * mine["epoch"]  # 256 examples, global batches of 64
+            for k in ("train_accuracy", "val_accuracy", "test_accuracy"):
+                assert mine[k] == pytest.approx(ref[k], abs=0.5), k  # less than one example of 144 / 360 / 256
+            for k in ("train_loss", "val_loss", "test_loss"):
+                assert mine[k] == pytest.approx(ref[k], rel=1e-4), k
+        assert torch.load(folder / "checkpoint.pt", weights_only=False)["epoch"] == 2
+        scalars = read_scalars(str(folder / "tensorboard"))
+        assert [s for s, _ in scalars["epoch/val_accuracy"]] == [1, 2]
+    # the run the 2 ranks trained from scratch: one events file (rank 0's)
+    assert len(list((root / "bwbpf" / "seed_0" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert (root / "summary.md").is_file()
+
+
+def test_runner_in_2_ranks_resumes_a_single_process_checkpoint_and_matches_one_process(ranks, runner_dirs):
+    """``python -m bio_ext.benchmark CONFIG --resume`` in 2 processes with torchrun's environment (the runner
+    starts the gloo group from it) on an experiment whose dfa run a single process left after epoch 1 and
+    whose bwbpf run has not started: see :func:`_check_runner_outputs`."""
+    assert [r["runner_exit"] for r in ranks] == [0, 0]
+    assert not any(r["runner_group_left"] for r in ranks)  # the runner ends the group it started
+    single, _, root = runner_dirs
+    _check_runner_outputs(single, root)
+
+
+@pytest.mark.slow  # ~25 s on 2 cores: torchrun's agent and two fresh interpreters
+def test_runner_under_torchrun(tmp_path, runner_dirs):
+    """The same sweep launched by ``torchrun --standalone --nproc_per_node=2 -m bio_ext.benchmark CONFIG``."""
+    import subprocess
+    import sys
+
+    single = runner_dirs[0]
+    cfg_path = _runner_config(tmp_path / "ddp.yaml", tmp_path / "ddp", gpus="[0, 1]")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(bio_ext.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "bio_ext.benchmark", str(cfg_path), "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("| dfa |") == 1, proc.stdout  # rank 0 alone prints the table
+    _check_runner_outputs(single, tmp_path / "ddp" / "tiny")
+    again = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]  # finished runs: skipped on both ranks
+    _check_runner_outputs(single, tmp_path / "ddp" / "tiny")
