@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any, Optional, Union
+from typing import Any, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -144,3 +144,53 @@ def all_reduce_sum(flat: torch.Tensor, group: Any) -> torch.Tensor:
     """Sum ``flat`` over ``group`` (in place, synchronously) and return it."""
     torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=group)
     return flat
+
+
+def global_cosine(items: Sequence[Tuple[Any, torch.Tensor, torch.Tensor, Any]],
+                  group: Any) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """GrAPE's mini-batch cosine and its gradient with respect to the feedback, over the global batch of
+    ``group``, for every ``(layer, e, g, info)`` of one step: ``(grad, cos, ok, g)`` per layer (``g`` the estimate
+    as compared, ``ok`` whether every rank's inputs were finite), after one ``all_reduce``.
+
+    The cosine ``<P, g> / (||P|| ||g||)`` with ``P = layer.project_error(e, B)`` linear in ``B`` has three parts,
+    each a sum over examples, so its gradient on the concatenated batch is
+    ``grad<P,g> / (||P|| ||g||) - cos grad||P||^2 / (2 ||P||^2)`` of the sums over ranks. Each rank computes its
+    parts divided by its largest magnitudes (as :func:`bio_ext.modes.grape.batch_cosine`, so float32 does not
+    overflow), scales them back in float64 (exact up to about 1e150) and adds a count of non-finite inputs:
+    one flat float64 tensor for all layers, summed over ``group``."""
+    wide = torch.float64
+    parts, pending = [], []
+    for layer, e, g, info in items:
+        fb = layer.feedback
+        dtype = torch.promote_types(e.dtype, fb.dtype)
+        e, g = e.to(dtype), g.to(dtype)
+        tiny = torch.finfo(dtype).tiny
+        with torch.enable_grad(), torch.autocast(e.device.type, enabled=False):
+            b = fb.detach().to(dtype).requires_grad_(True)
+            p = layer.project_error(e.detach(), b, info)
+            width = p[0].numel()
+            if width != g.shape[1]:  # several positions (tokens) per example: their sum (GrAPE's step())
+                g = g.reshape(g.shape[0], -1, width).sum(1)
+            sp, sg = p.detach().abs().amax().clamp_min(tiny), g.abs().amax().clamp_min(tiny)
+            a, c = (p / sp).reshape(-1), (g / sg).reshape(-1)
+            (grad_ac,) = torch.autograd.grad(a, b, c, retain_graph=True)  # grad <a, c>
+            (grad_aa,) = torch.autograd.grad(a, b, 2 * a.detach())  # grad ||a||^2
+        spw, sgw = sp.to(wide), sg.to(wide)
+        a = a.detach()
+        finite = torch.isfinite(e).all() & torch.isfinite(g).all() & torch.isfinite(grad_ac).all() \
+            & torch.isfinite(grad_aa).all()
+        stats = torch.stack([(a @ c).to(wide) * (spw * sgw), (a @ a).to(wide) * (spw * spw),
+                             (c @ c).to(wide) * (sgw * sgw), (~finite).to(wide)])
+        parts += [grad_ac.reshape(-1).to(wide) * (spw * sgw), grad_aa.reshape(-1).to(wide) * (spw * spw), stats]
+        pending.append((fb.shape, b.numel(), dtype, g))
+    flat = all_reduce_sum(torch.cat(parts), group)
+    out, offset, tiny = [], 0, torch.finfo(wide).tiny
+    for shape, size, dtype, g in pending:
+        grad_pg, grad_pp = flat[offset:offset + size], flat[offset + size:offset + 2 * size]
+        pg, pp, gg, bad = flat[offset + 2 * size:offset + 2 * size + 4].unbind()
+        offset += 2 * size + 4
+        cos = pg / (pp * gg).sqrt().clamp_min(tiny)
+        grad = grad_pg / (pp * gg).sqrt().clamp_min(tiny) - grad_pp * (cos / (2 * pp.clamp_min(tiny)))
+        grad = grad.reshape(shape).to(dtype)
+        out.append((grad, cos.to(dtype), (bad == 0) & torch.isfinite(grad).all(), g))
+    return out

@@ -117,7 +117,8 @@ def run_rank(rank, init_file, out_dir, runner_argv=None, port=None):
             model = build(factory, "grape", opts)
             if how != "plain":
                 model = DDP(model, broadcast_buffers=how == "ddp")
-            distributed.sync_feedback(model, {"auto": "auto", "off": None, "world": torch.distributed.group.WORLD}[sync])
+            group = {"auto": "auto", "off": None, "world": torch.distributed.group.WORLD}[sync]
+            distributed.sync_feedback(model, group)
             x, y = data(factory)
             out[case_name(factory, "grape", opts, how, sync)] = train(model, shard(x, rank), shard(y, rank))
         out["nonfinite"] = nonfinite(rank)

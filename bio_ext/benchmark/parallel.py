@@ -32,6 +32,7 @@ Every process runs the whole sweep, in the same order, and trains each run toget
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -73,6 +74,31 @@ class Ranks:
         if not self.active:
             return flag
         return bool(self.all_reduce(torch.tensor([float(flag)], device=device)).item() > 0)
+
+    def sums(self, values, device) -> list:
+        """``values`` (numbers) summed over the processes, the integers back as ints."""
+        if not self.active:
+            return list(values)
+        summed = self.all_reduce(flatten(values, device)).tolist()
+        return [int(round(t)) if isinstance(v, int) else t for v, t in zip(values, summed)]
+
+    def step_metrics(self, loss: torch.Tensor, correct: torch.Tensor, seen: int):
+        """``(mean loss, correct, examples)`` of one step over all processes (one all-reduce, which is also how
+        every rank learns that some rank's loss is not finite); the loss stays a tensor."""
+        if not self.active:
+            return loss.detach(), int(correct), seen
+        sums = self.all_reduce(torch.stack([loss.detach().double() * seen, correct.double(),
+                                            torch.tensor(float(seen), dtype=torch.float64, device=loss.device)]))
+        return sums[0] / sums[2], int(sums[1]), int(sums[2])
+
+    def first_on_rank0(self, fn, *args):
+        """``fn(*args)`` on rank 0, then on the others (a download happens once)."""
+        if not self.main:
+            self.barrier()
+        out = fn(*args)
+        if self.main:
+            self.barrier()
+        return out
 
     def barrier(self) -> None:
         if self.active:
@@ -121,6 +147,21 @@ def launched() -> Ranks:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank = int(os.environ.get("RANK", "0") or 0)
     return Ranks(rank, world, int(os.environ.get("LOCAL_RANK", rank) or rank))
+
+
+@contextlib.contextmanager
+def launch(cfg):
+    """The :class:`Ranks` of this process for a sweep of ``cfg``; under torchrun the process group is started
+    (when not started already) for the sweep and ended after it."""
+    from .build import select_device
+    ranks = launched()
+    if ranks.active:
+        batches_per_rank(cfg.training.hyperparameters.batch_size, ranks)
+        setup(select_device(cfg.infrastructure.gpus, ranks.local_rank, ranks.world), ranks)
+    try:
+        yield ranks
+    finally:
+        ranks.close()
 
 
 def setup(device: torch.device, ranks: Ranks) -> Ranks:

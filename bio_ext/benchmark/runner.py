@@ -87,7 +87,6 @@ from .build import (build_optimizer, build_plain_model, build_run_model, build_s
 from .results import (RESULTS_FORMAT, RunResult, atomic_save, final_metrics, read_alignment,  # noqa: F401
                       read_finished, summary_markdown, summary_table, write_run_files, write_text)
 from .schema import BenchmarkConfig
-from .parallel import Ranks
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -117,7 +116,7 @@ def _batches(ds, batch_size: int, order: Optional[torch.Tensor] = None):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, ds, batch_size: int, device, top_k: int = 5,
-             ranks: Optional[Ranks] = None) -> Dict[str, float]:
+             ranks: Optional[parallel.Ranks] = None) -> Dict[str, float]:
     """Mean loss, top-1 and top-k accuracy (in %) of ``model`` on ``ds`` (eval mode, no gradients). Under
     torchrun (``ranks``) each process evaluates its share of ``ds`` and the sums are reduced."""
     was = model.training
@@ -135,9 +134,8 @@ def evaluate(model: nn.Module, ds, batch_size: int, device, top_k: int = 5,
             total += len(y)
     finally:
         model.train(was)
-    if ranks is not None and ranks.active:
-        sums = ranks.all_reduce(parallel.flatten((loss_sum, correct, correct_k, total), device)).tolist()
-        loss_sum, correct, correct_k, total = sums[0], int(sums[1]), int(sums[2]), int(sums[3])
+    if ranks is not None:
+        loss_sum, correct, correct_k, total = ranks.sums((loss_sum, correct, correct_k, total), device)
     return {"loss": loss_sum / max(total, 1), "accuracy": 100.0 * correct / max(total, 1),
             f"top{top_k}": 100.0 * correct_k / max(total, 1)}
 
@@ -162,9 +160,8 @@ class _Training:
     align_rows: List[Dict[str, Any]] = field(default_factory=list)
     timings: Dict[str, Any] = field(default_factory=lambda: {"epochs": []})
     first_loss: Optional[float] = None  # the loss of step 0, the untrained model's (checkpointed)
-    #: the model the steps run (DistributedDataParallel around ``model`` under torchrun, else ``model``)
-    train_model: Optional[nn.Module] = None
-    ranks: Ranks = field(default_factory=Ranks)
+    train_model: Optional[nn.Module] = None  # what the steps run: under torchrun DDP around ``model``
+    ranks: parallel.Ranks = field(default_factory=parallel.Ranks)
 
 
 def _non_finite(model: nn.Module) -> List[str]:
@@ -183,15 +180,15 @@ def _one_line(error: BaseException) -> str:
 
 
 class Run:
-    """One mode and one seed of a configuration, trained in ``run_dir``."""
+    """One mode and one seed of a configuration, trained in ``run_dir`` (under torchrun by this process among
+    ``ranks``, :mod:`bio_ext.benchmark.parallel`: rank 0 alone writes)."""
 
     def __init__(self, cfg: BenchmarkConfig, mode: str, seed: int, run_dir: Path, *,
                  progress: Optional[Callable[..., Any]] = None,
                  on_epoch_end: Optional[Callable[["Run", int], None]] = None, bundle=None,
-                 ranks: Optional[Ranks] = None):
+                 ranks: Optional[parallel.Ranks] = None):
         self.cfg = cfg.for_run(mode, seed)
-        #: this process among torchrun's (:mod:`bio_ext.benchmark.parallel`): rank 0 alone writes
-        self.ranks = ranks if ranks is not None else Ranks()
+        self.ranks = ranks if ranks is not None else parallel.Ranks()
         self.bundle = bundle
         self.mode, self.seed, self.run_dir = mode, seed, Path(run_dir)
         self.progress = progress
@@ -270,8 +267,8 @@ class Run:
         st = self._setup()
         if resume:
             self._restore(st)
-        tb = Tracker(str(self.run_dir / "tensorboard"), enabled=self.cfg.training.metrics.tensorboard and self.ranks.main,
-                     purge_step=st.step if st.epoch else None)
+        tb = Tracker(str(self.run_dir / "tensorboard"), purge_step=st.step if st.epoch else None,
+                     enabled=self.cfg.training.metrics.tensorboard and self.ranks.main)
         try:
             for epoch in range(st.epoch, self.cfg.training.hyperparameters.epochs):
                 self._epoch(st, epoch, tb)
@@ -394,13 +391,7 @@ class Run:
         out = (st.train_model or st.model)(x)
         loss = st.loss_fn(out, y)
         batch_correct, batch_seen = (out.detach().argmax(1) == y).sum(), len(y)
-        if st.ranks.active:  # one all-reduce: the step's metrics, and whether any rank's loss is not finite
-            sums = st.ranks.all_reduce(torch.stack([loss.detach().double() * batch_seen, batch_correct.double(),
-                                                    torch.tensor(float(batch_seen), dtype=torch.float64,
-                                                                 device=out.device)]))
-            global_loss, batch_correct, batch_seen = sums[0] / sums[2], int(sums[1]), int(sums[2])
-        else:
-            global_loss, batch_correct = loss.detach(), int(batch_correct)
+        global_loss, batch_correct, batch_seen = st.ranks.step_metrics(loss, batch_correct, batch_seen)
         if not torch.isfinite(global_loss):
             raise NonFiniteLossError(self._nan_message(global_loss, epoch, st.step))
         loss.backward()
@@ -547,28 +538,16 @@ def run_experiment(cfg: BenchmarkConfig, *, resume: bool = False, progress: Opti
     """
     if not isinstance(cfg, BenchmarkConfig):
         raise TypeError(f"run_experiment expects a BenchmarkConfig (see load_config), got {type(cfg).__name__}")
-    ranks = parallel.launched()  # under torchrun: this process's rank (bio_ext.benchmark.parallel)
-    if not ranks.active:
-        return _run_experiment(cfg, resume, progress, on_epoch_end, ranks)
-    parallel.batches_per_rank(cfg.training.hyperparameters.batch_size, ranks)
-    device = select_device(cfg.infrastructure.gpus, ranks.local_rank, ranks.world)
-    parallel.setup(device, ranks)
-    try:
+    with parallel.launch(cfg) as ranks:  # under torchrun: this process's rank (bio_ext.benchmark.parallel)
         return _run_experiment(cfg, resume, progress if ranks.main else None, on_epoch_end, ranks)
-    finally:
-        ranks.close()
 
 
-def _run_experiment(cfg: BenchmarkConfig, resume: bool, progress, on_epoch_end, ranks: Ranks) -> ExperimentResult:
+def _run_experiment(cfg: BenchmarkConfig, resume: bool, progress, on_epoch_end,
+                    ranks: parallel.Ranks) -> ExperimentResult:
     out = experiment_dir(cfg)
-    # everything that can fail on the user's input fails here, before any folder is written: the data
-    # (a missing data directory names the files expected) and the model's options. Under torchrun rank 0
-    # loads first (a download happens once), the others after it
-    if not ranks.main:
-        ranks.barrier()
-    bundle = load_data(cfg)
-    if ranks.main:
-        ranks.barrier()
+    # everything that can fail on the user's input fails here, before any folder is written: the data (a missing
+    # data directory names the files expected; rank 0 loads first) and the model's options
+    bundle = ranks.first_on_rank0(load_data, cfg)
     build_plain_model(cfg, bundle)
     runs = [Run(cfg, m, s, out / m / f"seed_{s}", progress=progress, on_epoch_end=on_epoch_end, bundle=bundle,
                 ranks=ranks) for m, s in cfg.runs()]
@@ -610,8 +589,7 @@ def _run_experiment(cfg: BenchmarkConfig, resume: bool, progress, on_epoch_end, 
 
 def _write_summary(cfg: BenchmarkConfig, out: Path, results: List[RunResult],
                    pending: Sequence[str] = (), write: bool = True) -> ExperimentResult:
-    """``summary.md`` and the figures of ``results`` (``pending``: the runs an interrupt left; ``write``
-    False: the table only, on the ranks other than 0 under torchrun)."""
+    """``summary.md`` and the figures of ``results`` (``pending``: runs an interrupt left; ``write`` False: none)."""
     table = summary_table(cfg, results)
     if not write:
         return ExperimentResult(cfg, out, results, table)

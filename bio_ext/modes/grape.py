@@ -524,54 +524,15 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
     @staticmethod
     def step_synced(calls, group) -> None:
         """:meth:`step` for every layer of ``calls`` (``(layer, e, g, info, opts, estimate)``) on the global batch
-        of ``group`` (:mod:`bio_ext.distributed`): one ``all_reduce`` of every layer's statistics.
-
-        The mini-batch cosine ``<P, g> / (||P|| ||g||)`` with ``P = project(e, B)`` linear in ``B`` and a sum
-        over examples in each of its three parts, so its gradient on the concatenated batch is
-        ``grad<P,g> / (||P|| ||g||) - <P,g> grad||P||^2 / (2 ||P||^3 ||g||)`` of the sums over ranks. Each rank
-        computes its parts divided by its largest magnitudes (as :func:`batch_cosine`, so float32 does not
-        overflow), then scales them back in float64 (exact up to about 1e150), and the sums are reduced with
-        a count of ranks whose error, estimate or gradients are not finite (any: no rank steps)."""
-        wide = torch.float64
-        parts, pending = [], []
-        for layer, e, g, info, opts, estimate in calls:
-            fb = layer.feedback
-            dtype = torch.promote_types(e.dtype, fb.dtype)
-            e, g = e.to(dtype), g.to(dtype)
-            tiny = torch.finfo(dtype).tiny
-            with torch.enable_grad(), torch.autocast(e.device.type, enabled=False):
-                b = fb.detach().to(dtype).requires_grad_(True)
-                p = layer.project_error(e.detach(), b, info)
-                width = p[0].numel()
-                if width != g.shape[1]:  # several positions (tokens) per example: see step()
-                    g = g.reshape(g.shape[0], -1, width).sum(1)
-                sp = p.detach().abs().amax().clamp_min(tiny)
-                sg = g.abs().amax().clamp_min(tiny)
-                a, c = (p / sp).reshape(-1), (g / sg).reshape(-1)
-                (grad_ac,) = torch.autograd.grad(a, b, c, retain_graph=True)  # grad <a, c>
-                (grad_aa,) = torch.autograd.grad(a, b, 2 * a.detach())  # grad ||a||^2
-            spw, sgw = sp.to(wide), sg.to(wide)
-            a = a.detach()
-            stats = torch.stack([(a @ c).to(wide) * (spw * sgw), (a @ a).to(wide) * (spw * spw),
-                                 (c @ c).to(wide) * (sgw * sgw), (~finite(e, g, grad_ac, grad_aa)).to(wide)])
-            parts += [grad_ac.reshape(-1).to(wide) * (spw * sgw), grad_aa.reshape(-1).to(wide) * (spw * spw), stats]
-            pending.append((layer, fb, b.numel(), dtype, g, opts, estimate))
-        flat = distributed.all_reduce_sum(torch.cat(parts), group)
-        offset = 0
+        of ``group``: one ``all_reduce`` of every layer's statistics (:func:`bio_ext.distributed.global_cosine`)."""
+        results = distributed.global_cosine([call[:4] for call in calls], group)
         with torch.no_grad():
-            for layer, fb, size, dtype, g, opts, estimate in pending:
-                grad_pg, grad_pp = flat[offset:offset + size], flat[offset + size:offset + 2 * size]
-                pg, pp, gg, bad = flat[offset + 2 * size:offset + 2 * size + 4].unbind()
-                offset += 2 * size + 4
-                norms = (pp * gg).sqrt().clamp_min(torch.finfo(wide).tiny)
-                cos = pg / norms
-                grad = (grad_pg / norms - grad_pp * (cos / (2 * pp.clamp_min(torch.finfo(wide).tiny))))
-                grad = grad.reshape(fb.shape).to(dtype)
-                layer.grape_cos = cos.to(dtype)
+            for (layer, _, _, _, opts, estimate), (grad, cos, ok, g) in zip(calls, results):
+                layer.grape_cos = cos
                 if opts["keep_estimate"]:
                     layer.forward_gradient = (g if estimate is None else estimate).detach()
-                ok = (bad == 0) & torch.isfinite(grad).all()
-                apply_step(layer, fb, grad, ok, opts["feedback_lr"], opts["momentum"], opts["feedback_lr_halflife"])
+                apply_step(layer, layer.feedback, grad, ok, opts["feedback_lr"], opts["momentum"],
+                           opts["feedback_lr_halflife"])
 
 
 CHECKPOINTING_WARNING = (
