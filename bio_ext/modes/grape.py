@@ -160,6 +160,10 @@ check is a ``torch.where`` on a 0-d tensor, so it needs no device sync. The cosi
 side by its largest magnitude first, so logits of 1e19 (estimates whose float32 norm overflows)
 give a finite cosine and step.
 
+**Under DistributedDataParallel** (:mod:`bio_ext.distributed`) the step is that of the global batch: the
+cosine's sums (and their gradients) are all-reduced once per step over the DDP's process group, so every rank
+holds the same feedback; each rank draws its perturbations from its own stream (the seed mixed with its rank).
+
 **How often the feedback steps.** Once each time a forward's output error arrives: every forward
 opens its own session (its own perturbations and output tangent), and the step runs in that
 session's error tap, right before the session projects ``e @ B``. So the count is per forward per
