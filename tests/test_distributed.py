@@ -244,3 +244,30 @@ def test_runner_under_torchrun(tmp_path, runner_dirs):
     again = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]  # finished runs: skipped on both ranks
     _check_runner_outputs(single, tmp_path / "ddp" / "tiny")
+
+
+def test_runner_devices_and_batches_per_process(monkeypatch):
+    """torchrun's local rank r takes gpus[r]; one device for several processes, or fewer devices than
+    processes, is refused with the fix; the global batch must split evenly between the processes."""
+    from bio_ext.benchmark import parallel
+    from bio_ext.benchmark.build import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert select_device([0, 1], local_rank=1, world=2) == torch.device("cuda:1")
+    assert select_device([0, 1]) == torch.device("cuda:0")  # one process: the first (with a warning)
+    assert select_device(-1, local_rank=1, world=2) == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"list one device per process \(e.g. gpus: \[0, 1\]\)"):
+        select_device(0, local_rank=0, world=2)
+    with pytest.raises(ConfigError, match="names 1 device"):
+        select_device([1], local_rank=0, world=2)
+    ranks = parallel.Ranks(rank=1, world=2, local_rank=1)
+    assert parallel.batches_per_rank(64, ranks) == 32
+    with pytest.raises(ConfigError, match="multiple of the 2 processes"):
+        parallel.batches_per_rank(65, ranks)
+    # the shards of a DistributedSampler: every other position of the epoch's order, the first one repeated
+    order = torch.arange(10, 15)
+    assert parallel.Ranks(0, 2).shard(order, 0).tolist() == [10, 12, 14]
+    assert parallel.Ranks(1, 2).shard(order, 0).tolist() == [11, 13, 10]
+    one = parallel.Ranks()
+    assert not one.active and one.shard(order, 3) is order and one.sums((1.5, 2), "cpu") == [1.5, 2]
