@@ -16,7 +16,9 @@ What holds (tested with 2 gloo ranks in ``tests/test_distributed.py``):
   whole batch. The feedback tensors are buffers: DDP broadcasts them from rank 0 at construction (and, with
   ``broadcast_buffers=True``, at every forward), so all ranks start from rank 0's. ``brsf`` redraws its
   magnitudes at every forward from the global RNG: seed every rank alike (``torch.manual_seed``) or each
-  shard trains with another draw (the average of several brSF gradients, not brSF's).
+  shard trains with another draw (the average of several brSF gradients, not brSF's). ``bwbpf`` with
+  ``early_backward=True`` is refused under DDP (its local backward runs inside the forward, where DDP
+  cannot reduce the gradients).
 * ``grape``: the feedback learns inside the backward, from the output error and the forward-gradient
   estimate. Under DDP every step all-reduces what the step consumes (the mini-batch cosine's numerator
   ``<P, g>``, the squared norms ``||P||^2`` and ``||g||^2``, the gradients of the first two with respect to

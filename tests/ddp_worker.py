@@ -38,6 +38,7 @@ FACTORIES = {"mlp": (mlp, (6,)), "deep_mlp": (deep_mlp, (6,)), "cnn": (cnn, (2, 
 GRADIENT_CASES = [("mlp", m, {}) for m in ("bp", "fa", "usf", "brsf", "frsf", "dfa", "drtp")] + [
     ("cnn", "fa", {}), ("cnn", "dfa", {}), ("cnn", "drtp", {}), ("cnn", "dfa", {"conv_feedback": "dense"}),
     ("deep_mlp", "bwbpf", {"blocks": 2}), ("cnn", "bwbpf", {"blocks": 2}),
+    ("deep_mlp", "bwbpf", {"blocks": 2, "layer_mode": "dfa"}),
 ]
 
 GRAPE_OPTIONS = {"feedback_lr": 0.3, "momentum": 0.5}
@@ -122,6 +123,7 @@ def run_rank(rank, init_file, out_dir, runner_argv=None, port=None):
             x, y = data(factory)
             out[case_name(factory, "grape", opts, how, sync)] = train(model, shard(x, rank), shard(y, rank))
         out["nonfinite"] = nonfinite(rank)
+        out["early_backward"] = early_backward()
     finally:
         torch.distributed.destroy_process_group()
     if runner_argv is not None:
@@ -131,6 +133,18 @@ def run_rank(rank, init_file, out_dir, runner_argv=None, port=None):
         out["runner_exit"] = main(list(runner_argv))
         out["runner_group_left"] = torch.distributed.is_initialized()
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def early_backward():
+    """bwbpf with early_backward=True under DDP: refused at the forward (the message)."""
+    model = torch.nn.parallel.DistributedDataParallel(build("deep_mlp", "bwbpf", {"blocks": 2,
+                                                                                 "early_backward": True}))
+    bio_ext.set_targets(model.module, torch.zeros(2, dtype=torch.long))
+    try:
+        model(torch.zeros(2, 6, dtype=torch.float64))
+    except bio_ext.ConfigError as e:
+        return str(e)
+    return None
 
 
 def nonfinite(rank):

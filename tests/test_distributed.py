@@ -271,3 +271,9 @@ def test_runner_devices_and_batches_per_process(monkeypatch):
     assert parallel.Ranks(1, 2).shard(order, 0).tolist() == [11, 13, 10]
     one = parallel.Ranks()
     assert not one.active and one.shard(order, 3) is order and one.sums((1.5, 2), "cpu") == [1.5, 2]
+
+
+def test_blockwise_early_backward_is_refused_under_ddp(ranks):
+    """early_backward back-propagates inside the forward, where DDP cannot reduce: refused with the fix."""
+    for r in ranks:
+        assert r["early_backward"] is not None and "early_backward=False (the default)" in r["early_backward"]
