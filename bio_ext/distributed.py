@@ -148,6 +148,27 @@ def all_reduce_sum(flat: torch.Tensor, group: Any) -> torch.Tensor:
     return flat
 
 
+def reduce_tensors(tensors: Sequence[torch.Tensor], group: Any, *, mean: bool = False) -> List[torch.Tensor]:
+    """``tensors`` summed (``mean``: averaged) over ``group`` with one ``all_reduce`` of one flat tensor (in the
+    widest of their dtypes), each returned in its own shape and dtype; ``group`` None: returned as they are.
+
+    The building block for a mode whose feedback learns from the batch: reduce what its update consumes, once
+    per step, over :func:`feedback_group` of the converted model (``session.owner``)."""
+    if group is None or not tensors:
+        return list(tensors)
+    wide = tensors[0].dtype
+    for t in tensors[1:]:
+        wide = torch.promote_types(wide, t.dtype)
+    flat = all_reduce_sum(torch.cat([t.detach().reshape(-1).to(wide) for t in tensors]), group)
+    if mean:
+        flat = flat / torch.distributed.get_world_size(group)
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset:offset + t.numel()].view(t.shape).to(t.dtype))
+        offset += t.numel()
+    return out
+
+
 def global_cosine(items: Sequence[Tuple[Any, torch.Tensor, torch.Tensor, Any]],
                   group: Any) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """GrAPE's mini-batch cosine and its gradient with respect to the feedback, over the global batch of

@@ -124,6 +124,9 @@ def run_rank(rank, init_file, out_dir, runner_argv=None, port=None):
             out[case_name(factory, "grape", opts, how, sync)] = train(model, shard(x, rank), shard(y, rank))
         out["nonfinite"] = nonfinite(rank)
         out["early_backward"] = early_backward()
+        world = torch.distributed.group.WORLD
+        out["reduced"] = distributed.reduce_tensors([torch.tensor(float(rank)), torch.tensor([rank, 1])], world) + \
+            distributed.reduce_tensors([torch.tensor([2.0 * rank])], world, mean=True)
     finally:
         torch.distributed.destroy_process_group()
     if runner_argv is not None:

@@ -277,3 +277,12 @@ def test_blockwise_early_backward_is_refused_under_ddp(ranks):
     """early_backward back-propagates inside the forward, where DDP cannot reduce: refused with the fix."""
     for r in ranks:
         assert r["early_backward"] is not None and "early_backward=False (the default)" in r["early_backward"]
+
+
+def test_reduce_tensors(ranks):
+    """One all-reduce for several tensors, each back in its shape and dtype (sum, or mean)."""
+    for r in ranks:
+        total, pair, mean = r["reduced"]
+        assert total.item() == 1.0 and pair.tolist() == [1, 2] and pair.dtype == torch.long
+        assert mean.tolist() == [1.0]
+    assert distributed.reduce_tensors([torch.ones(2)], None)[0].tolist() == [1.0, 1.0]
