@@ -39,11 +39,16 @@ probe) nothing is communicated. :func:`sync_feedback` chooses another group (e.g
 hand-written gradient all-reduces) or turns the synchronisation off (each rank then steps from its own
 shard; with ``broadcast_buffers=True`` DDP keeps rank 0's feedback, with ``False`` the ranks drift apart).
 Layers whose ``feedback_lr`` is 0 communicate nothing either (their ``grape_cos`` is their shard's).
+
+The all-reduce runs in the backward, when the output error arrives, before any of DDP's gradient buckets
+(every parameter is upstream of the output). It runs once per forward, as a single process steps once per
+forward: inside ``ddp.no_sync()`` (gradient accumulation) the feedback still synchronises at every micro-batch.
+Exactness needs equal shards (each rank's error carries its own ``1/N_r`` of a mean-reduced loss), as for
+DDP's gradient average.
 """
 
 from __future__ import annotations
 
-import logging
 import weakref
 from typing import Any, List, Sequence, Tuple, Union
 
@@ -51,8 +56,6 @@ import torch
 import torch.nn as nn
 
 from .errors import ConfigError, Problem
-
-log = logging.getLogger(__name__)
 
 #: the default setting of :func:`sync_feedback`: the process group of the DDP forward the model runs in
 AUTO = "auto"
