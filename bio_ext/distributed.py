@@ -40,8 +40,9 @@ hand-written gradient all-reduces) or turns the synchronisation off (each rank t
 shard; with ``broadcast_buffers=True`` DDP keeps rank 0's feedback, with ``False`` the ranks drift apart).
 Layers whose ``feedback_lr`` is 0 communicate nothing either (their ``grape_cos`` is their shard's).
 
-The all-reduce runs in the backward, when the output error arrives, before any of DDP's gradient buckets
-(every parameter is upstream of the output). It runs once per forward, as a single process steps once per
+The all-reduce runs in the backward when the output error arrives, on the same group as DDP's gradient
+buckets (every rank runs the same graph, so every rank issues the collectives in the same order). It runs
+once per forward, as a single process steps once per
 forward: inside ``ddp.no_sync()`` (gradient accumulation) the feedback still synchronises at every micro-batch.
 Exactness needs equal shards (each rank's error carries its own ``1/N_r`` of a mean-reduced loss), as for
 DDP's gradient average.
