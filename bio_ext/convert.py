@@ -25,13 +25,15 @@ from . import points as _points
 from ._utils.hooks import remove_hooks
 from ._utils.probing import example_input, quiet_forward
 from .config import ConvertConfig, require_bool
-from .errors import (AlreadyConvertedError, BioExtWarning, ConfigError, ConversionError, NothingToConvertError,
+from .errors import (AlreadyConvertedError, BioExtWarning, ConfigError, ConversionError, FeedbackSignalError,
+                     NothingToConvertError,
                      UnsupportedModuleError)
 from .layers.base import FeedbackLayer
 from .modes.base import feedback_generator
 from .registry import (Handler, ModeSpec, expander_for, get_method, get_mode, handler_for, method_for, methods,
                        output_size, qualname)
-from .session import FeedbackBank, FeedbackSession, activate, input_tap_hook, output_hook, reset
+from .session import (ROOT_TAP, FeedbackBank, FeedbackSession, activate, input_tap_hook, output_hook, reset,
+                      tap_at_root, untapped_traced_inputs)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,8 @@ class BioExtState:
     weights_checked: bool = False
     bank: FeedbackBank = field(default_factory=FeedbackBank)
     stack: List[Any] = field(default_factory=list)
+    #: the converted layer modules, looked up once (the error tap takes their inputs under torch.compile)
+    layers: Optional[Tuple[nn.Module, ...]] = None
     untapped: Any = None
 
     def __deepcopy__(self, memo):
@@ -128,11 +132,14 @@ def _first_forward_hook(module: nn.Module, args, kwargs):
     if state is None or state.weights_checked or not torch.is_grad_enabled():
         return None
     state.weights_checked = True
+    remove_hooks(module, (_first_forward_hook,))  # once: later (compiled) forwards do not break on it
     recorder = _audit.WeightUses(module, state.layer_names)
     if state.mode.family == "direct" and state.expected_output is not None:
         _output.settle(module, state, args, kwargs, recorder)  # finds the output layer in the same probe
     else:
-        _output.probe_own_forward(module, state, args, kwargs, recorder)
+        _, _, returned = _output.probe_own_forward(module, state, args, kwargs, recorder)
+        if state.mode.family == "direct":
+            _output.mark_root_tap(module, state, returned)
     _mark_outside_uses(module, recorder)
     _audit.refuse_or_warn([], recorder.uses(), state.config.strict, state.mode.name, " (found at the first forward)")
     return None
@@ -157,6 +164,9 @@ def _root_pre_hook(module: nn.Module, args, kwargs):
         session = FeedbackSession(state.bank, state.output_dim, state.mode.rule)
         session.tangential = state.config.tangential
         session.owner = module
+        if state.layers is None:
+            state.layers = tuple(module.get_submodule(n) for n in state.layer_names)
+        session.traced_layers = state.layers
         state.mode.rule.open_forward(session, module, args, kwargs, state.config.options)
     state.stack.append((activate(session), session))
     return None
@@ -169,9 +179,21 @@ def _root_hook(module: nn.Module, args, output):
     if state is None or not state.stack:
         return None
     token, session = state.stack.pop()
+    replaced = None
     try:
         if session is not None:
+            rule = state.mode.rule
+            if rule.traceable and not rule.forward_gradient and state.output_layer is not None:
+                tapped = tap_at_root(module.get_submodule(state.output_layer), output, session, state.output_dim,
+                                     state.config.output_key)
+                replaced, output = (tapped if tapped is not output else None), tapped
             session.rule.close_forward(session, module, output)
+            late = untapped_traced_inputs(session.traced_layers)
+            if late and output is not None:
+                raise FeedbackSignalError(
+                    f"under torch.compile, converted layer(s) {', '.join(type(m).__name__ for m in late)} ran after "
+                    "the model's output layer in this forward, so the output error cannot reach them; run them "
+                    "before the output layer, or exclude them (exclude=[...])")
     finally:
         reset(token)
         if session is not None:
@@ -179,7 +201,7 @@ def _root_hook(module: nn.Module, args, output):
             # an untapped session (a reentrant checkpoint segment holding the output layer, whose recompute
             # taps it) has no autograd node holding it: kept until the model's next forward
             state.untapped = None if session.tapped else session
-    return None
+    return replaced
 
 
 # --------------------------------------------------------------------------- planning
@@ -207,12 +229,12 @@ def _plan(model: nn.Module, cfg: ConvertConfig) -> Tuple[List[Tuple[str, Handler
     refused: List[str] = []
     skipped_prefixes: List[str] = []
     last_out: Optional[str] = None
-    last_conv: Optional[str] = None
+    last_handled: Optional[str] = None
     for name, module in model.named_modules():
         if output_size(module) is not None:
             last_out = name
         if handler_for(module) is not None:
-            last_conv = name
+            last_handled = name
         if any(name == p or name.startswith(p + ".") for p in skipped_prefixes):
             continue
         if name and _matches(name, module, cfg.exclude, cfg.exclude_types):
@@ -229,7 +251,7 @@ def _plan(model: nn.Module, cfg: ConvertConfig) -> Tuple[List[Tuple[str, Handler
         if (cfg.include or cfg.include_types) and not _matches(name, module, cfg.include, cfg.include_types):
             continue
         selected.append((name, handler))
-    return selected, refused, (last_out, last_conv)
+    return selected, refused, (last_out, last_handled)
 
 
 def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -363,7 +385,8 @@ def _convert_planned(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec) -> n
         raise NothingToConvertError(
             f"no layer to convert in {type(target).__name__}: bio_ext converts nn.Linear, nn.Conv2d and "
             "transformers Conv1D (check include/exclude if you set them)")
-    guess = _output.choose(target, cfg, *last) if spec.family == "direct" else None
+    guess = _output.choose(target, cfg, *last, traced=spec.rule.traceable and not spec.rule.forward_gradient) \
+        if spec.family == "direct" else None
     out = _output.find(target, cfg, spec, guess) if guess is not None else _output.Output(dim=cfg.output_dim)
     if out.at_input:
         selected = [(n, h) for n, h in selected if n != out.layer]  # trains on the true error
@@ -393,6 +416,7 @@ def _convert_planned(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec) -> n
     root = _install(target, cfg, spec, out, new_layers, point_plan, generator, guess)
     if uses is not None:
         state_of(root).weights_checked = True
+        remove_hooks(root, (_first_forward_hook,))
         _mark_outside_uses(root, uses)
     return root
 
@@ -411,6 +435,8 @@ def _install(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec, out: _output
     root.__dict__[STATE_ATTR] = BioExtState(cfg, spec, out.dim, [n for n, _ in new_layers], out.layer, point_names,
                                             expected)
     if spec.family == "direct":
+        for _, new in new_layers:
+            new.tap_takes_traced = True
         tap_module = root.get_submodule(out.layer)
         if out.at_input:
             tap_module.register_forward_pre_hook(functools.partial(input_tap_hook, (out.dim, cfg.output_key)))
@@ -421,6 +447,8 @@ def _install(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec, out: _output
     if spec.family == "direct":
         root.register_forward_pre_hook(_root_pre_hook, with_kwargs=True)
         root.register_forward_hook(_root_hook, always_call=True)
+        if guess is not None and guess.returned:
+            _output.mark_root_tap(root, state_of(root), {out.layer})
     return root
 
 
@@ -459,6 +487,9 @@ def detach_feedback(model: nn.Module) -> None:
     ``layer_mode`` gives every block a session fed by its local error)."""
     for m in model.modules():
         remove_hooks(m, (_first_forward_hook, _root_pre_hook, _root_hook, output_hook, input_tap_hook))
+        m.__dict__.pop(ROOT_TAP, None)
+        if isinstance(m, FeedbackLayer):
+            m.tap_takes_traced = False
 
 
 #: a key of the ``copy.deepcopy`` memo of :func:`revert`'s copy: state objects that refuse to be deep-copied
@@ -502,6 +533,7 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for m in [work, root, *root.modules()]:
         m.__dict__.pop(STATE_ATTR, None)
         remove_hooks(m, (_first_forward_hook, _root_pre_hook, _root_hook, output_hook, input_tap_hook))
+        m.__dict__.pop(ROOT_TAP, None)
     return root
 
 

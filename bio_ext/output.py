@@ -25,7 +25,8 @@ Which returned tensors are looked at: the one ``output_key`` names; for a dict o
 ``logits`` (else every tensor in it); for a tuple or list, every tensor in it. When they depend
 directly on several layers (a model returning ``(fc(h2), aux(h1))``), ``convert`` refuses and lists
 them (:class:`~bio_ext.errors.AmbiguousOutputError`): pass ``output_layer=`` (and ``output_key=``).
-An explicit ``output_layer`` is used as given, with no probe and no check.
+An explicit ``output_layer`` is used as given, with no check (under ``dfa``/``drtp`` with ``input_shape``, one
+probe only sees whether its output is returned as it is: :func:`mark_root_tap`, for ``torch.compile``).
 """
 
 from __future__ import annotations
@@ -33,21 +34,22 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
 
 from ._utils.hooks import HOOK_DICTS, hook_function, remove_hooks
+from ._utils.outputs import output_tensors
 from ._utils.probing import example_input, quiet_forward
 from .config import ConvertConfig
 from .errors import AmbiguousOutputError, ConversionError, OutputDimError, OutputLayerError
 from .layers.base import FeedbackLayer
 from .registry import ModeSpec, handler_for, output_size
 from .modes.base import feedback_generator
-from .session import FeedbackBank, FeedbackSession, activate, direct_sources, input_tap_hook, output_hook, reset
+from .session import (ROOT_TAP, FeedbackBank, FeedbackSession, activate, direct_sources, input_tap_hook, output_hook,
+                      reset)
 
 log = logging.getLogger(__name__)
 
@@ -59,23 +61,6 @@ def candidates(model: nn.Module) -> Dict[str, nn.Module]:
             if isinstance(m, FeedbackLayer) or handler_for(m) is not None or output_size(m) is not None}
 
 
-def output_tensors(output: Any, key) -> List[Tuple[Any, torch.Tensor]]:
-    """``(index or key, tensor)`` of the returned tensors the output layer is looked for in (see the module)."""
-    if isinstance(output, torch.Tensor):
-        return [(0, output)]
-    if isinstance(output, Mapping):
-        if key is not None or "logits" in output:
-            k = "logits" if key is None else key
-            return [(k, output[k])] if isinstance(output.get(k), torch.Tensor) else []
-        return [(k, v) for k, v in output.items() if isinstance(v, torch.Tensor)]
-    if isinstance(output, (tuple, list)):
-        if key is not None:
-            ok = isinstance(key, int) and -len(output) <= key < len(output) and isinstance(output[key], torch.Tensor)
-            return [(key, output[key])] if ok else []
-        return [(i, v) for i, v in enumerate(output) if isinstance(v, torch.Tensor)]
-    return []
-
-
 def _ambiguous(model: nn.Module, found: Dict[str, list]) -> AmbiguousOutputError:
     listed = ", ".join(f"{n!r} ({type(model.get_submodule(n)).__name__}, output {sorted(set(map(str, i)))})"
                        for n, i in found.items())
@@ -85,10 +70,14 @@ def _ambiguous(model: nn.Module, found: Dict[str, list]) -> AmbiguousOutputError
         "of the tensor the loss is computed from)")
 
 
-def probe(target: nn.Module, run: Callable[[], Any], key) -> Tuple[Dict[str, list], Dict[Any, torch.Tensor]]:
+Probed = Tuple[Dict[str, list], Dict[Any, torch.Tensor], Set[str]]
+
+
+def probe(target: nn.Module, run: Callable[[], Any], key) -> Probed:
     """Run ``run()`` (a forward of ``target``) in eval mode with autograd on, training flags and the random
     number generators restored (a mode that draws at every forward, ``brsf``, and the user's own draws see the
-    same stream as without the probe): the layers the returned tensors depend on directly, and those tensors."""
+    same stream as without the probe): the layers the returned tensors depend on directly, those tensors, and
+    the layers whose output *is* a returned tensor (no op in between)."""
     trace: Dict[Any, str] = {}
 
     def record(name, out):
@@ -103,10 +92,11 @@ def probe(target: nn.Module, run: Callable[[], Any], key) -> Tuple[Dict[str, lis
         for h in handles:
             h.remove()
     tensors = output_tensors(out, key)
-    return direct_sources(tensors, trace), dict(tensors)
+    returned = {trace[t.grad_fn] for _, t in tensors if t.grad_fn in trace}
+    return direct_sources(tensors, trace), dict(tensors), returned
 
 
-def probe_example(target: nn.Module, cfg: ConvertConfig) -> Tuple[Dict[str, list], Dict[Any, torch.Tensor]]:
+def probe_example(target: nn.Module, cfg: ConvertConfig) -> Probed:
     """:func:`probe` with zeros of ``cfg.input_shape`` (batch 2). ``({}, {})`` when it cannot run (an input
     that is not a float tensor, e.g. token ids): the first forward probes instead."""
     try:
@@ -115,7 +105,7 @@ def probe_example(target: nn.Module, cfg: ConvertConfig) -> Tuple[Dict[str, list
     except Exception as exc:  # an optimisation: the first forward finds the output layer instead
         log.debug("output-layer probe of %s failed (%s: %s); the first forward probes instead", type(target).__name__,
                   type(exc).__name__, exc)
-        return {}, {}
+        return {}, {}, set()
 
 
 @dataclass
@@ -126,26 +116,32 @@ class Guess:
     layer: Optional[str] = None
     expected: Optional[str] = None
     dim: Optional[int] = None
+    #: the probe saw the layer's output returned as it is (see :func:`mark_root_tap`)
+    returned: bool = False
 
 
-def choose(target: nn.Module, cfg: ConvertConfig, last_out: Optional[str], last_conv: Optional[str]) -> Guess:
-    """Where to tap (see the module): the explicit ``output_layer``, else the probe's answer, else a guess."""
+def choose(target: nn.Module, cfg: ConvertConfig, last_out: Optional[str], last_handled: Optional[str],
+           traced: bool = False) -> Guess:
+    """Where to tap (see the module): the explicit ``output_layer``, else the probe's answer, else a guess.
+    ``traced``: the mode's layers trace under ``torch.compile``; an explicit ``output_layer`` is then probed
+    too (with ``input_shape``), only to see whether its output is returned as it is (:func:`mark_root_tap`)."""
     if cfg.output_layer is not None:
-        return Guess(cfg.output_layer)
+        returned = traced and cfg.input_shape is not None and cfg.output_layer in probe_example(target, cfg)[2]
+        return Guess(cfg.output_layer, returned=returned)
     if cfg.input_shape is not None:
-        found, tensors = probe_example(target, cfg)
+        found, tensors, returned = probe_example(target, cfg)
         if len(found) > 1:
             raise _ambiguous(target, found)
         if found:
             ((name, where),) = found.items()
             if output_size(target.get_submodule(name)) is not None:
-                return Guess(name)
+                return Guess(name, returned=name in returned)
             t = tensors[where[0]]
             return Guess("", dim=int(t.shape[-1]) if t.dim() else None)
     if last_out is not None:
         return Guess(last_out, expected=last_out)
-    if last_conv is not None:
-        return Guess("", expected=last_conv, dim=getattr(target.get_submodule(last_conv), "out_channels", None))
+    if last_handled is not None:
+        return Guess("", expected=last_handled, dim=getattr(target.get_submodule(last_handled), "out_channels", None))
     return Guess()
 
 
@@ -171,13 +167,26 @@ def settle(root: nn.Module, state, args, kwargs, recorder=None) -> None:
     guess, move the error tap there (and rebuild the feedback when its size changes) before the real forward
     runs."""
     expected, state.expected_output = state.expected_output, None
-    found, tensors = probe_own_forward(root, state, args, kwargs, recorder)
+    found, tensors, returned = probe_own_forward(root, state, args, kwargs, recorder)
     if len(found) > 1:
         state.expected_output = expected  # refused at every forward until converted again
         raise _ambiguous(root, found)
     if found and set(found) != {expected}:
         ((name, where),) = found.items()
         _retarget(root, state, name, tensors[where[0]], expected)
+    mark_root_tap(root, state, returned)
+
+
+def mark_root_tap(root: nn.Module, state, returned: Set[str]) -> None:
+    """Mark the output layer (:data:`~bio_ext.session.ROOT_TAP`) when a probe saw its output returned as it is
+    (``returned``: layer names) and the mode's layers trace under ``torch.compile``: compiled forwards then tap
+    the error at the root, after the compiled region, instead of breaking the graph at the output layer."""
+    rule = state.mode.rule
+    if not (rule.traceable and not rule.forward_gradient and state.output_layer and state.output_layer in returned):
+        return
+    tap = root.get_submodule(state.output_layer)
+    if any(hook_function(h) is output_hook for h in tap._forward_hooks.values()):  # not a head-input tap
+        tap.__dict__.setdefault(ROOT_TAP, [])
 
 
 #: the hooks that shape the forward (the error tap, feedback points): the only ones the first forward's probe keeps
@@ -224,6 +233,7 @@ def _retarget(root: nn.Module, state, name: str, tensor: torch.Tensor, guessed: 
         state.bank.clear()
     for m in root.modules():
         remove_hooks(m, (output_hook, input_tap_hook))
+        m.__dict__.pop(ROOT_TAP, None)
     root.get_submodule(tap).register_forward_hook(functools.partial(output_hook, (dim, cfg.output_key)),
                                                   prepend=True)  # before the root's closing hook
     state.output_layer, state.output_dim = tap, dim

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch.autograd import Function
 
-from ._utils.outputs import find_output
+from ._utils.outputs import find_output, output_tensors
 from .errors import FeedbackSignalError, OutputDimError
 from .functional import fit_rows
 
@@ -151,7 +151,7 @@ class FeedbackSession:
 
     __slots__ = ("bank", "output_dim", "feedbacks", "widths", "proj", "error", "layers", "infos", "rule",
                  "tangent_only", "rule_state", "point_outputs", "point_slots", "tangential", "closed", "tapped",
-                 "signal", "late", "graph_task", "owner", "__weakref__")
+                 "signal", "late", "graph_task", "owner", "traced_layers", "traced", "__weakref__")
 
     def __init__(self, bank: FeedbackBank, output_dim: int, rule=None, *, tangent_only: bool = False) -> None:
         self.bank = bank
@@ -187,6 +187,11 @@ class FeedbackSession:
         self.graph_task = -1
         #: the converted root module whose forward opened the session (None: a method's own session)
         self.owner: Any = None
+        #: the model's converted layers, whose ``traced_inputs`` (``torch.compile``'s traceable path, see
+        #: :meth:`bio_ext.layers.FeedbackLayer.traces_direct`) the error tap registers
+        self.traced_layers: Tuple[Any, ...] = ()
+        #: ``(layer, slot, info)`` of the inputs registered so, in the order they are the error tap's inputs
+        self.traced: List[Tuple[Any, int, Any]] = []
 
     def register(self, feedback: torch.Tensor, layer: Any = None, info: Any = None) -> int:
         """Reserve a slot for a layer whose input needs a gradient; returns the slot."""
@@ -285,6 +290,9 @@ class ErrorTap(Function):
     continues from detached copies of them, so their only gradient is the projection ``e @ B_k``
     this backward returns. Each block's backward then starts from the tap on its own, and no
     gradient is computed into a block's input only to be thrown away at the point below it.
+    Under ``torch.compile`` the inputs of converted layers are extra inputs too, after the points
+    (``session.traced``): the layers computed from detached copies, and this backward gives each
+    the layer's own injected gradient.
     """
 
     @staticmethod
@@ -293,14 +301,20 @@ class ErrorTap(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        ctx.session = inputs[1]
-        ctx.points = [(p.shape, slot) for p, slot in zip(inputs[2:], inputs[1].point_slots)]
+        session = inputs[1]
+        n = len(session.point_slots)
+        ctx.session = session
+        ctx.points = [(p.shape, slot) for p, slot in zip(inputs[2:2 + n], session.point_slots)]
+        ctx.traced = list(session.traced)
+        ctx.save_for_backward(*inputs[2 + n:])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         session: FeedbackSession = ctx.session
         session.receive_error(grad.reshape(-1, grad.shape[-1]))
         fed = [fit_rows(session.take(slot), shape, "feedback point").to(grad.dtype) for shape, slot in ctx.points]
+        fed += [layer.injected_gradient(session.take(slot), x, info, session.tangential).to(x.dtype)
+                for (layer, slot, info), x in zip(ctx.traced, ctx.saved_tensors)]
         return (grad, None, *fed)
 
 
@@ -342,15 +356,78 @@ def tap_output(output: Any, session: FeedbackSession, output_dim: int, key=None)
     if session.rule is not None and not session.closed:
         tensor = session.rule.on_output(session, tensor)
     session.tapped = True
-    return put(ErrorTap.apply(tensor, session, *session.point_outputs))
+    return put(ErrorTap.apply(tensor, session, *session.point_outputs, *take_traced_inputs(session)))
+
+
+def take_traced_inputs(session: FeedbackSession) -> List[torch.Tensor]:
+    """Register the inputs the model's converted layers recorded on ``torch.compile``'s traceable path (one
+    slot each, in the order they ran) and hand them over (the layers' lists are emptied)."""
+    out = []
+    for layer in session.traced_layers:
+        inputs = getattr(layer, "traced_inputs", None)
+        if not inputs:
+            continue
+        for x in inputs:
+            info = layer.projection_info(x)
+            session.traced.append((layer, session.register_layer(layer, info), info))
+            out.append(x)
+        inputs.clear()
+    return out
+
+
+def untapped_traced_inputs(layers) -> List[Any]:
+    """The layers whose traced inputs no error tap took (they ran after the output layer); their lists are
+    emptied."""
+    late = [layer for layer in layers if getattr(layer, "traced_inputs", None)]
+    for layer in late:
+        layer.traced_inputs.clear()
+    return late
+
+
+#: attribute of an output layer whose output is the converted model's return value, in a mode whose layers trace
+#: (:meth:`bio_ext.layers.FeedbackLayer.traces_direct`): under ``torch.compile`` its hook only records the output
+#: here, and the root's closing hook taps it (a break at the output layer, often inside ``nn.Sequential``'s loop,
+#: would make dynamo run the whole frame eagerly)
+ROOT_TAP = "_bio_ext_root_tap"
 
 
 def output_hook(tap: Tuple[int, Any], module, args, output):
     """Forward hook on the output layer (bound to ``(output_dim, output_key)``): taps its output."""
+    pending = getattr(module, ROOT_TAP, None)
+    if pending is not None and torch.compiler.is_compiling():
+        pending.append(find_output(output, tap[1])[0])
+        return None
+    return _tap_now(tap, module, output)
+
+
+@torch._dynamo.disable  # the tap runs eagerly, also inside a compiled forward
+def _tap_now(tap: Tuple[int, Any], module, output):
     session = current_session(module)
     if session is None:
         return None
     return tap_output(output, session, *tap)
+
+
+def tap_at_root(tap_module, output, session: FeedbackSession, output_dim: int, key) -> Any:
+    """The root's closing hook, eagerly after a compiled forward: tap the return value when the output layer's
+    hook recorded its output there (see :data:`ROOT_TAP`); ``output`` unchanged otherwise. On an eager forward
+    whose return value is the tapped output, mark the output layer so that compiled forwards need no break."""
+    pending = getattr(tap_module, ROOT_TAP, None)
+    returned = output_tensors(output, key) if output is not None else []
+    if not pending:
+        if pending is None and session.tapped and any(isinstance(t.grad_fn, ErrorTap._backward_cls)
+                                                      for _, t in returned):
+            setattr(tap_module, ROOT_TAP, [])
+        return output
+    recorded = pending[-1]
+    pending.clear()
+    same = [k for k, t in returned if t.grad_fn is recorded.grad_fn and t.output_nr == recorded.output_nr]
+    if len(same) != 1:
+        raise FeedbackSignalError(
+            "under torch.compile the output layer's output was expected to be the model's return value (as in "
+            "the forwards before), but this forward returned another tensor, so the output error cannot be taken "
+            "there; return the output layer's output, or run this model eagerly")
+    return tap_output(output, session, output_dim, same[0])
 
 
 def direct_sources(tensors, names: dict) -> dict:
@@ -375,6 +452,7 @@ def direct_sources(tensors, names: dict) -> dict:
     return found
 
 
+@torch._dynamo.disable
 def input_tap_hook(tap: Tuple[int, Any], module, args):
     """Forward pre-hook on the output layer for ``error_at='head_input'``: taps its input instead."""
     session = current_session(module)

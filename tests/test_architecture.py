@@ -32,7 +32,7 @@ LAYERS: Dict[str, Set[str]] = {
     "layers": {"errors", "registry", "functional", "session", "modes", "_utils"},
     "points": {"errors", "registry", "functional", "session", "modes", "_utils"},
     "output": {"errors", "registry", "config", "session", "modes", "layers", "_utils"},
-    "audit": {"errors", "config"},
+    "audit": {"errors", "config", "_utils"},
     "convert": {"errors", "registry", "config", "session", "modes", "layers", "points", "output", "audit", "_utils"},
     "inspection": {"errors", "registry", "convert", "layers", "_utils"},
     "blockwise": {"errors", "registry", "config", "functional", "session", "modes", "points", "convert", "_utils"},

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 
@@ -85,3 +85,22 @@ def call(model, example: Any):
     if isinstance(example, tuple):
         return model(*example)
     return model(example)
+
+
+def output_tensors(output: Any, key) -> List[Tuple[Any, torch.Tensor]]:
+    """``(index or key, tensor)`` of the returned tensors the output layer is looked for in (see
+    :mod:`bio_ext.output`): the one ``key`` names; a mapping's ``logits``, else all its tensors; every tensor of
+    a tuple or list."""
+    if isinstance(output, torch.Tensor):
+        return [(0, output)]
+    if isinstance(output, Mapping):
+        if key is not None or "logits" in output:
+            k = "logits" if key is None else key
+            return [(k, output[k])] if isinstance(output.get(k), torch.Tensor) else []
+        return [(k, v) for k, v in output.items() if isinstance(v, torch.Tensor)]
+    if isinstance(output, (tuple, list)):
+        if key is not None:
+            ok = isinstance(key, int) and -len(output) <= key < len(output) and isinstance(output[key], torch.Tensor)
+            return [(key, output[key])] if ok else []
+        return [(i, v) for i, v in enumerate(output) if isinstance(v, torch.Tensor)]
+    return []

@@ -3,7 +3,8 @@
 The package is callable: ``bio_ext.blockwise(model, ...)`` is :func:`~bio_ext.blockwise.wrap.blockwise`,
 and its helpers are its attributes (``bio_ext.blockwise.set_targets``, ``.train_step``, ...). Its
 modules: :mod:`~.config` (the options), :mod:`~.partition` (spine, probe, balanced cuts),
-:mod:`~.heads` (auxiliary heads and local losses), :mod:`~.wrap` (the hooks; registers ``bwbpf``).
+:mod:`~.heads` (auxiliary heads and local losses), :mod:`~.wrap` (the hooks; registers ``bwbpf``),
+:mod:`~.pipeline` (block-parallel training: one block per process, ``bio_ext.blockwise.parallel``).
 
     model = bio_ext.blockwise(model, blocks=4)          # a wrapped copy; model itself is untouched
     loss = loss_fn(model(x), y); loss.backward()         # unchanged loop
@@ -79,10 +80,11 @@ from .heads import aux_head, local_grad, recover_targets
 from .partition import Partition, Unit, balanced_cuts, default_example, default_spine, partition
 from .wrap import (AUX_NAME, BlockwiseState, aux_prefix, blockwise, is_blockwise, local_alignment, local_losses,
                    partition_of, set_targets, state_of, train_step, unwrap)
+from .pipeline import BlockStage, parallel
 
-__all__ = ["AUX_NAME", "COSTS", "POOLS", "BlockwiseConfig", "BlockwiseState", "Partition", "Unit", "aux_head",
+__all__ = ["AUX_NAME", "COSTS", "POOLS", "BlockStage", "BlockwiseConfig", "BlockwiseState", "Partition", "Unit", "aux_head",
            "aux_prefix", "balanced_cuts", "blockwise", "default_example", "default_spine", "is_blockwise",
-           "local_alignment", "local_grad", "local_losses", "partition", "partition_of", "recover_targets", "set_targets", "state_of",
+           "local_alignment", "local_grad", "local_losses", "parallel", "partition", "partition_of", "recover_targets", "set_targets", "state_of",
            "train_step", "unwrap"]
 
 

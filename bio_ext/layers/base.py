@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -57,6 +57,9 @@ class FeedbackLayer(nn.Module):
     #: modules that a probe forward saw using this layer's parameters outside its forward (``"<module>
     #: (<function>)"``, :mod:`bio_ext.audit`): that use trains by backprop, whatever the mode
     weight_used_outside: Tuple[str, ...] = ()
+    #: whether the error tap of this layer's model takes its traced inputs (:meth:`traces_direct`): set by
+    #: ``convert`` for the direct family, cleared where a method opens sessions of its own (block-wise)
+    tap_takes_traced: bool = False
 
     def __init__(self, original: nn.Module, mode: ModeSpec, weight: nn.Parameter,
                  bias: Optional[nn.Parameter]) -> None:
@@ -67,6 +70,8 @@ class FeedbackLayer(nn.Module):
         self.mode_options: Dict[str, Any] = {}
         self.weight = weight
         self.bias = bias
+        #: inputs this layer used in the current forward under ``torch.compile`` (see :meth:`traced_input`)
+        self.traced_inputs: List[torch.Tensor] = []
         self.training = original.training
         copy_hooks(original, self)  # keep the user's forward hooks (feature extraction etc.)
 
@@ -100,6 +105,36 @@ class FeedbackLayer(nn.Module):
             self.feedback = fb
             return fb
         return rule.effective(self)
+
+    def traces_direct(self) -> bool:
+        """Whether this forward takes the direct family's traceable path: under ``torch.compile`` (dynamo
+        tracing), in a mode whose rule declares itself ``traceable`` (dfa, drtp; not GrAPE, whose tangents
+        and feedback step need the session in the forward).
+
+        The eager path is a custom Function whose backward reads the session's projection, made during the
+        backward: dynamo cannot trace it and would run every frame holding a converted layer eagerly. The
+        traceable path is plain ops: the layer computes its output from ``x.detach()`` (weight and bias get
+        autograd's own gradients) and appends ``x`` to :attr:`traced_inputs`; the error tap, which runs
+        eagerly at the output, registers those inputs with the session and hands each its projection
+        ``e @ B`` in its backward (:func:`bio_ext.session.tap_output`). The gradients are the eager path's.
+        """
+        rule = self.mode_spec.rule
+        return self.tap_takes_traced and rule.traceable and not rule.forward_gradient and torch.compiler.is_compiling()
+
+    def traced_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` detached, recorded for the error tap when it needs a gradient (see :meth:`traces_direct`)."""
+        if x.requires_grad:
+            self.traced_inputs.append(x)
+        return x.detach()
+
+    def injected_gradient(self, p: torch.Tensor, x: torch.Tensor, info: Any, tangential: bool) -> torch.Tensor:
+        """The input gradient this layer's direct backward gives ``x``, from its share ``p`` of the session's
+        projection (``info``: what it registered with the session)."""
+        raise NotImplementedError
+
+    def projection_info(self, x: torch.Tensor) -> Any:
+        """What this layer registers with the session for input ``x`` (None for a Linear)."""
+        return None
 
     def _direct_slot(self, session: Optional[FeedbackSession], x: torch.Tensor, info=None):
         """Enter the current session: returns ``(slot, x)``, ``x`` as the mode wants it (GrAPE: with a

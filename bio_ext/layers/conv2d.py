@@ -53,6 +53,18 @@ class Conv2dLocalFn(Function):
         return gx, gw, gb, None, None, None, None, None
 
 
+def direct_input_grad(p: torch.Tensor, x: torch.Tensor, spread, tangential_on: bool) -> torch.Tensor:
+    """A Conv2d's DFA input gradient (at its padded input ``x``) from its share ``p`` of the projection and what
+    it registered (``spread``: see :func:`bio_ext.functional.conv_projection`)."""
+    if p.shape[0] != x.shape[0]:
+        raise FeedbackSignalError(
+            f"Conv2d: the output error has {p.shape[0]} rows but the layer's input has batch "
+            f"{x.shape[0]}; direct feedback to a convolution needs one error row per example. "
+            "Exclude this layer or use a local mode such as 'fa'.")
+    gx = conv_projection(p, spread)  # kernel: spread_projection; dense/factored: see there
+    return tangential(gx, x) if tangential_on else gx  # per example
+
+
 class Conv2dDirectFn(Function):
     """``F.conv2d`` whose input gradient is the layer's DFA projection.
 
@@ -79,17 +91,7 @@ class Conv2dDirectFn(Function):
         x, w = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geom
         need = ctx.needs_input_grad
-        gx = None
-        if need[0]:
-            p = ctx.session.take(ctx.slot)
-            if p.shape[0] != ctx.x_shape[0]:
-                raise FeedbackSignalError(
-                    f"Conv2d: the output error has {p.shape[0]} rows but the layer's input has batch "
-                    f"{ctx.x_shape[0]}; direct feedback to a convolution needs one error row per example. "
-                    "Exclude this layer or use a local mode such as 'fa'.")
-            gx = conv_projection(p, ctx.spread)  # kernel: spread_projection; dense/factored: see there
-            if ctx.session.tangential:  # per example
-                gx = tangential(gx, x)
+        gx = direct_input_grad(ctx.session.take(ctx.slot), x, ctx.spread, ctx.session.tangential) if need[0] else None
         gw, gb = conv2d_param_grads(g, x, w, stride, padding, dilation, groups, need[1],
                                     ctx.has_bias and need[2])
         return gx, gw, gb, None, None, None, None, None, None, None
@@ -211,7 +213,10 @@ class FeedbackConv2d(FeedbackLayer):
                 if name in self._buffers:
                     self._buffers[name].copy_(fb.norm())
 
-    def _projection_info(self, xp: torch.Tensor):
+    def injected_gradient(self, p: torch.Tensor, x: torch.Tensor, info, tangential_on: bool) -> torch.Tensor:
+        return direct_input_grad(p, x, info, tangential_on)
+
+    def projection_info(self, xp: torch.Tensor):
         """What this layer registers with the session (see :func:`bio_ext.functional.conv_projection`)."""
         if not xp.requires_grad:
             return None
@@ -264,6 +269,10 @@ class FeedbackConv2d(FeedbackLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         family = self.mode_spec.family
+        if family == "direct" and self.traces_direct() and torch.is_grad_enabled():  # torch.compile: see there
+            xp = pad_input(x, self._pad, self._pad_mode)
+            return F.conv2d(self.traced_input(xp), self.weight, self.bias, self.stride, self._conv_pad,
+                            self.dilation, self.groups)
         session = current_session(self) if family == "direct" else None
         if family == "bp" or not (torch.is_grad_enabled() if family == "local" else feedback_path(session)):
             return nn.Conv2d._conv_forward(self, x, self.weight, self.bias)
@@ -272,7 +281,7 @@ class FeedbackConv2d(FeedbackLayer):
         if family == "local":
             xp, w, b = autocast_inputs(xp, self.weight, self.bias)
             return Conv2dLocalFn.apply(xp, w, b, self._local_feedback(), *geom)
-        spread = self._projection_info(xp)
+        spread = self.projection_info(xp)
         slot, xp = self._direct_slot(session, xp, spread)
         xp, w, b = autocast_inputs(xp, self.weight, self.bias)
         fn = Conv2dDirectJvpFn if self.mode_spec.rule.forward_gradient else Conv2dDirectFn

@@ -58,6 +58,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias, transposed: bool) -> tor
     return out.view(x.shape[:-1] + (weight.shape[1],))
 
 
+def direct_input_grad(p: torch.Tensor, x: torch.Tensor, tangential_on: bool) -> torch.Tensor:
+    """A Linear's DFA input gradient from its share ``p`` of the projection (per row, example or token,
+    without the component along ``x`` when ``tangential_on``)."""
+    gx = fit_rows(p, x.shape, "Linear")
+    return tangential(gx, x, lead=x.dim() - 1) if tangential_on else gx
+
+
 class LinearDirectFn(Function):
     """``F.linear`` whose input gradient is the session's projection of the output error."""
 
@@ -78,11 +85,7 @@ class LinearDirectFn(Function):
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         need = ctx.needs_input_grad
-        gx = None
-        if need[0]:
-            gx = fit_rows(ctx.session.take(ctx.slot), ctx.x_shape, "Linear")
-            if ctx.session.tangential:  # per row (example or token) of the input
-                gx = tangential(gx, x, lead=x.dim() - 1)
+        gx = direct_input_grad(ctx.session.take(ctx.slot), x, ctx.session.tangential) if need[0] else None
         gw, gb = linear_param_grads(g, x, need[1], ctx.has_bias and need[2], ctx.transposed)
         return gx, gw, gb, None, None, None
 
@@ -124,8 +127,14 @@ class FeedbackLinear(FeedbackLayer):
         kind = "Conv1D, " if self.transposed else ""
         return f"{kind}in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
+    def injected_gradient(self, p: torch.Tensor, x: torch.Tensor, info, tangential_on: bool) -> torch.Tensor:
+        return direct_input_grad(p, x, tangential_on)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         family = self.mode_spec.family
+        if family == "direct" and self.traces_direct():  # torch.compile: plain ops, the tap injects e @ B
+            return linear(self.traced_input(x) if torch.is_grad_enabled() else x, self.weight, self.bias,
+                          self.transposed)
         if family == "local" and torch.is_grad_enabled():
             fb = self._local_feedback()
             x, w, b = autocast_inputs(x, self.weight.t() if self.transposed else self.weight, self.bias)

@@ -130,6 +130,10 @@ class FeedbackRule:
     forward_gradient: bool = False
     #: whether :meth:`error_signal` replaces the output error before it is projected (direct family)
     transforms_error: bool = False
+    #: whether, under ``torch.compile``, converted layers may take the traceable path that leaves the rule's
+    #: :meth:`enter` out (direct family: :meth:`bio_ext.layers.FeedbackLayer.traces_direct`); a rule that
+    #: does anything in :meth:`enter` or :meth:`on_output` must leave it False
+    traceable: bool = False
     #: buffers of :meth:`create` kept out of ``state_dict`` (counters for diagnosis: checkpoints written
     #: before such a buffer existed still load strictly)
     transient_buffers: Tuple[str, ...] = ()

@@ -18,6 +18,8 @@ class DirectFeedbackAlignment(FeedbackRule):
     ``(output_dim, C_in, kh, kw)``).
     """
 
+    traceable = True
+
 
 @register_mode("drtp", family="direct",
                description="direct random target projection: fixed random projection of the (negated) target")

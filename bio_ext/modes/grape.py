@@ -294,6 +294,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
     """GrAPE (seed paper, Algorithm 1). See :mod:`bio_ext.modes.grape` for every definition."""
 
     forward_gradient = True
+    traceable = False
     transient_buffers = ("feedback_skips",)
 
     def validate_options(self, options):
