@@ -8,6 +8,10 @@ set at a dotted key before validation, e.g. ``--override training.hyperparameter
 resolved, training nothing. Exit status: 0 done, 1 a run diverged or failed (each named on one
 line), 2 invalid configuration or input (one line, or the list of problems), 130 interrupted
 (Ctrl-C: the runs that ended are kept and summarised, one line says how to resume).
+
+Under torchrun (``torchrun --nproc_per_node=N -m bio_ext.benchmark CONFIG.yaml``) every process trains its
+share of each batch with DistributedDataParallel and rank 0 alone writes and prints: see
+:mod:`bio_ext.benchmark.parallel`.
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(str(e) if str(e) else "interrupted (Ctrl-C) before any run ended; run again (with --resume) to "
               "continue", file=sys.stderr)
         return 130
+    from .parallel import launched
+    if not launched().main:  # under torchrun rank 0 reports (every rank has the same result)
+        return 1 if result.diverged else 0
     print(f"\n{cfg.experiment.name}: {cfg.data.dataset}, {cfg.model.architecture}, "
           f"{cfg.training.hyperparameters.epochs} epochs, seeds {cfg.seeds}\n")
     print(result.table)

@@ -59,11 +59,20 @@ def deterministic_mode(on: bool):
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = prev[1], prev[2]
 
 
-def select_device(gpus) -> torch.device:
+def select_device(gpus, local_rank: int = 0, world: int = 1) -> torch.device:
     """``infrastructure.gpus``: -1 is the CPU; a device index (or list, first used) is that CUDA
     device when CUDA is available, else the CPU with a warning (so biotorch's ``gpus: 0`` runs
-    anywhere)."""
-    index = gpus[0] if isinstance(gpus, list) else gpus
+    anywhere). Under torchrun (``world`` processes) local rank ``r`` takes ``gpus[r]`` of the list
+    (:mod:`bio_ext.benchmark.parallel`)."""
+    if world > 1 and isinstance(gpus, list) and len(gpus) < world and torch.cuda.is_available():
+        raise ConfigError([f"infrastructure.gpus: {gpus} names {len(gpus)} device(s) for the {world} processes "
+                           f"torchrun started; list one device per process (e.g. gpus: {list(range(world))})"],
+                          what="benchmark configuration")
+    if world > 1 and isinstance(gpus, int) and gpus >= 0 and torch.cuda.is_available():
+        raise ConfigError([f"infrastructure.gpus: {gpus} names one device for the {world} processes torchrun "
+                           f"started; list one device per process (e.g. gpus: {list(range(world))}), or -1 for "
+                           "the CPU"], what="benchmark configuration")
+    index = (gpus[local_rank] if world > 1 else gpus[0]) if isinstance(gpus, list) else gpus
     if index is None or index < 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -73,8 +82,10 @@ def select_device(gpus) -> torch.device:
         raise ConfigError([f"infrastructure.gpus: device {index} does not exist; this machine has "
                            f"{torch.cuda.device_count()} CUDA device(s) (use -1 for the CPU)"],
                           what="benchmark configuration")
-    if isinstance(gpus, list) and len(gpus) > 1:
-        log.warning("infrastructure.gpus=%r: only device %d is used (no multi-GPU training)", gpus, index)
+    if world == 1 and isinstance(gpus, list) and len(gpus) > 1:
+        log.warning("infrastructure.gpus=%r: only device %d is used by one process; launch with torchrun "
+                    "--nproc_per_node=%d -m bio_ext.benchmark CONFIG.yaml to train on all of them", gpus, index,
+                    len(gpus))
     return torch.device(f"cuda:{index}")
 
 

@@ -147,7 +147,8 @@ FIELDS: Dict[str, Spec] = {
                                              lambda v: v >= 1, ">= 1"),
     "training.metrics.tensorboard": Spec(True, "bool", "write TensorBoard event files"),
     "infrastructure.gpus": Spec(-1, "int|list[int]", "-1: CPU; k or [k, ...]: CUDA device k when available "
-                                "(only the first is used), else the CPU with a warning",
+                                "(one process uses the first; under torchrun local rank r uses the r-th), else the "
+                                "CPU with a warning",
                                 lambda v: (v >= -1) if isinstance(v, int) else (len(v) > 0 and all(g >= 0 for g in v)),
                                 "-1, a device index >= 0 or a non-empty list of them"),
     "infrastructure.threads": Spec(None, "int?", "torch.set_num_threads; null: leave torch's default",

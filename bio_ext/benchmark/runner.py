@@ -78,6 +78,7 @@ import torch.nn.functional as F
 from .._utils.rng import capture, restore
 from ..errors import BioExtError, NonFiniteLossError, RunExistsError
 from ..inspection import alignment
+from . import parallel
 from .biotorch import StepRules
 from .errors import OutputDirError, RunFileError, SweepInterrupted, TrainingDivergedError
 # what a run is built from and what it writes, re-exported: the runner's names are imported from here
@@ -101,8 +102,8 @@ DIVERGENCE_FACTOR = 100.0
 
 
 def _batches(ds, batch_size: int, order: Optional[torch.Tensor] = None):
-    n = len(ds)
-    idx = order if order is not None else torch.arange(n)
+    idx = order if order is not None else torch.arange(len(ds))
+    n = len(idx)
     plain = getattr(ds, "transform", "missing") is None and hasattr(ds, "x")
     for i in range(0, n, batch_size):
         b = idx[i:i + batch_size]
@@ -114,13 +115,16 @@ def _batches(ds, batch_size: int, order: Optional[torch.Tensor] = None):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds, batch_size: int, device, top_k: int = 5) -> Dict[str, float]:
-    """Mean loss, top-1 and top-k accuracy (in %) of ``model`` on ``ds`` (eval mode, no gradients)."""
+def evaluate(model: nn.Module, ds, batch_size: int, device, top_k: int = 5,
+             ranks: Optional[parallel.Ranks] = None) -> Dict[str, float]:
+    """Mean loss, top-1 and top-k accuracy (in %) of ``model`` on ``ds`` (eval mode, no gradients). Under
+    torchrun (``ranks``) each process evaluates its share of ``ds`` and the sums are reduced."""
     was = model.training
     model.eval()
     total, loss_sum, correct, correct_k = 0, 0.0, 0, 0
+    order = ranks.eval_indices(len(ds)) if ranks is not None and ranks.active else None
     try:
-        for x, y in _batches(ds, batch_size):
+        for x, y in _batches(ds, batch_size, order):
             x, y = x.to(device), y.to(device)
             out = model(x)
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
@@ -130,6 +134,8 @@ def evaluate(model: nn.Module, ds, batch_size: int, device, top_k: int = 5) -> D
             total += len(y)
     finally:
         model.train(was)
+    if ranks is not None:
+        loss_sum, correct, correct_k, total = ranks.sums((loss_sum, correct, correct_k, total), device)
     return {"loss": loss_sum / max(total, 1), "accuracy": 100.0 * correct / max(total, 1),
             f"top{top_k}": 100.0 * correct_k / max(total, 1)}
 
@@ -154,6 +160,8 @@ class _Training:
     align_rows: List[Dict[str, Any]] = field(default_factory=list)
     timings: Dict[str, Any] = field(default_factory=lambda: {"epochs": []})
     first_loss: Optional[float] = None  # the loss of step 0, the untrained model's (checkpointed)
+    train_model: Optional[nn.Module] = None  # what the steps run: under torchrun DDP around ``model``
+    ranks: parallel.Ranks = field(default_factory=parallel.Ranks)
 
 
 def _non_finite(model: nn.Module) -> List[str]:
@@ -172,12 +180,15 @@ def _one_line(error: BaseException) -> str:
 
 
 class Run:
-    """One mode and one seed of a configuration, trained in ``run_dir``."""
+    """One mode and one seed of a configuration, trained in ``run_dir`` (under torchrun by this process among
+    ``ranks``, :mod:`bio_ext.benchmark.parallel`: rank 0 alone writes)."""
 
     def __init__(self, cfg: BenchmarkConfig, mode: str, seed: int, run_dir: Path, *,
                  progress: Optional[Callable[..., Any]] = None,
-                 on_epoch_end: Optional[Callable[["Run", int], None]] = None, bundle=None):
+                 on_epoch_end: Optional[Callable[["Run", int], None]] = None, bundle=None,
+                 ranks: Optional[parallel.Ranks] = None):
         self.cfg = cfg.for_run(mode, seed)
+        self.ranks = ranks if ranks is not None else parallel.Ranks()
         self.bundle = bundle
         self.mode, self.seed, self.run_dir = mode, seed, Path(run_dir)
         self.progress = progress
@@ -206,12 +217,13 @@ class Run:
                 f"{self.run_dir} holds a run already (checkpoint.pt / results.json). Pass --resume "
                 "(resume=True) to continue it or skip it when finished, or choose another "
                 "experiment.name / output_dir, or delete the folder.")
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputDirError(self.run_dir, f"the run's folder cannot be made ({e.strerror or e}); remove what "
-                                 "is in the way or set experiment.output_dir to a writable folder") from None
-        write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
+        if self.ranks.main:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OutputDirError(self.run_dir, f"the run's folder cannot be made ({e.strerror or e}); remove "
+                                     "what is in the way or set experiment.output_dir to a writable folder") from None
+            write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
         t0 = time.perf_counter()
         with deterministic_mode(self.cfg.experiment.deterministic):
             result = self._train(resume)
@@ -242,7 +254,7 @@ class Run:
                 history = json.loads(self.results_path.read_text(encoding="utf-8")).get("history", [])
         except Exception as e:  # a damaged file: its error is the run's message already
             log.debug("%s: no history to keep (%s)", self.run_dir, e)
-        if write:
+        if write and self.ranks.main:
             try:
                 self._write_results(status, history, align_rows, timings, message)
             except (OutputDirError, OSError) as e:
@@ -255,29 +267,33 @@ class Run:
         st = self._setup()
         if resume:
             self._restore(st)
-        tb = Tracker(str(self.run_dir / "tensorboard"), enabled=self.cfg.training.metrics.tensorboard,
-                     purge_step=st.step if st.epoch else None)
+        tb = Tracker(str(self.run_dir / "tensorboard"), purge_step=st.step if st.epoch else None,
+                     enabled=self.cfg.training.metrics.tensorboard and self.ranks.main)
         try:
             for epoch in range(st.epoch, self.cfg.training.hyperparameters.epochs):
                 self._epoch(st, epoch, tb)
         finally:
             tb.close()
-        self._write_results("finished", st.history, st.align_rows, st.timings)
+        if self.ranks.main:
+            self._write_results("finished", st.history, st.align_rows, st.timings)
         return RunResult(self.mode, self.seed, self.run_dir, "finished", st.history, final_metrics(st.history),
                          st.align_rows)
 
     def _setup(self) -> _Training:
         """Device, data, the converted model, optimizer, scheduler and biotorch's step rules."""
-        cfg = self.cfg
-        device = select_device(cfg.infrastructure.gpus)
+        cfg, ranks = self.cfg, self.ranks
+        device = select_device(cfg.infrastructure.gpus, ranks.local_rank, ranks.world)
         if cfg.infrastructure.threads:
             torch.set_num_threads(cfg.infrastructure.threads)
+        parallel.batches_per_rank(cfg.training.hyperparameters.batch_size, ranks)
         bundle = self.bundle if self.bundle is not None else load_data(cfg)
         model = build_run_model(cfg, self.mode, self.seed, bundle).to(device)
+        train_model = parallel.wrap(model, device, ranks)
         opt = build_optimizer(cfg, model.parameters())
         sched = build_scheduler(cfg, opt)
         rules = StepRules(model, cfg.model.mode.biotorch_options())
-        return _Training(model, opt, sched, rules, device, bundle, nn.CrossEntropyLoss())
+        return _Training(model, opt, sched, rules, device, bundle, nn.CrossEntropyLoss(), train_model=train_model,
+                         ranks=ranks)
 
     def _restore(self, st: _Training) -> None:
         """Continue from the last checkpoint, when there is one: model, optimizer, scheduler, RNG
@@ -323,6 +339,7 @@ class Run:
         self._check_loss_growth(st, epoch, row["train_loss"])
         if st.sched is not None:
             st.sched.step()
+        st.ranks.broadcast_buffers(st.model)  # every rank evaluates (and rank 0 saves) the same model
         row.update(self._evaluate(st))
         st.history.append(row)
         st.timings["epochs"].append(time.perf_counter() - t_epoch)
@@ -330,6 +347,7 @@ class Run:
         tb.flush()
         st.epoch = epoch + 1
         self._checkpoint(st)
+        st.ranks.barrier()  # rank 0's files are complete before any rank goes on (a kill then finds them whole)
         log.info("%s seed %d epoch %d: train loss %.4f, val acc %s, test acc %s", self.mode, self.seed, epoch + 1,
                  row["train_loss"], _fmt(row.get("val_accuracy")), _fmt(row.get("test_accuracy")))
         if self.on_epoch_end is not None:
@@ -339,18 +357,19 @@ class Run:
         """Every training step of one epoch, in the epoch's order: ``(loss sum, correct, examples)``."""
         hp = self.cfg.training.hyperparameters
         g = torch.Generator().manual_seed(self.seed * ORDER_STRIDE + epoch)
-        order = torch.randperm(len(st.bundle.train), generator=g)
-        n_batches = math.ceil(len(st.bundle.train) / hp.batch_size)
+        order = st.ranks.shard(torch.randperm(len(st.bundle.train), generator=g), epoch)
+        batch_size = parallel.batches_per_rank(hp.batch_size, st.ranks)  # this rank's share of the global batch
+        n_batches = math.ceil(len(order) / batch_size)
         bar = self.progress(total=n_batches, desc=f"{self.mode} seed {self.seed} epoch {epoch + 1}/{hp.epochs}") \
-            if self.progress else None
+            if self.progress and st.ranks.main else None
         st.model.train()
         loss_sum, correct, seen = 0.0, 0, 0
         try:
-            for x, y in _batches(st.bundle.train, hp.batch_size, order):
-                loss, batch_correct = self._step(st, x.to(st.device), y.to(st.device), epoch, tb)
-                loss_sum += loss * len(y)
+            for x, y in _batches(st.bundle.train, batch_size, order):
+                loss, batch_correct, batch_seen = self._step(st, x.to(st.device), y.to(st.device), epoch, tb)
+                loss_sum += loss * batch_seen
                 correct += batch_correct
-                seen += len(y)
+                seen += batch_seen
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3f}", refresh=False)  # redrawn at the bar's own pace
@@ -359,32 +378,35 @@ class Run:
                 bar.close()
         return loss_sum, correct, seen
 
-    def _step(self, st: _Training, x: torch.Tensor, y: torch.Tensor, epoch: int, tb: Tracker) -> Tuple[float, int]:
-        """One optimizer step (the alignment probe first, on its logging steps): ``(loss, correct)``."""
+    def _step(self, st: _Training, x: torch.Tensor, y: torch.Tensor, epoch: int,
+              tb: Tracker) -> Tuple[float, int, int]:
+        """One optimizer step (the alignment probe first, on its logging steps): ``(loss, correct, examples)``
+        of the whole step (under torchrun: summed over the ranks, the loss their mean)."""
         metrics = self.cfg.training.metrics
         log_now = st.step % metrics.display_iterations == 0
-        if log_now and (metrics.layer_alignment or metrics.weight_ratio):
+        if log_now and (metrics.layer_alignment or metrics.weight_ratio) and st.ranks.main:
             st.align_rows.append(self._probe(st.model, x, y, st.loss_fn, st.step, epoch, tb))
         t_step = time.perf_counter()
         st.opt.zero_grad(set_to_none=True)
-        out = st.model(x)
+        out = (st.train_model or st.model)(x)
         loss = st.loss_fn(out, y)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(self._nan_message(loss, epoch, st.step))
+        batch_correct, batch_seen = (out.detach().argmax(1) == y).sum(), len(y)
+        global_loss, batch_correct, batch_seen = st.ranks.step_metrics(loss, batch_correct, batch_seen)
+        if not torch.isfinite(global_loss):
+            raise NonFiniteLossError(self._nan_message(global_loss, epoch, st.step))
         loss.backward()
         st.rules.after_backward(st.model)
         st.opt.step()
         st.rules.after_step(st.model)
         dt = time.perf_counter() - t_step
-        batch_correct = int((out.detach().argmax(1) == y).sum())
-        value = float(loss.detach())
+        value = float(global_loss)
         if st.step == 0:
             st.first_loss = value
         if log_now:
-            tb.scalars({"train/loss": value, "train/accuracy": 100.0 * batch_correct / len(y),
+            tb.scalars({"train/loss": value, "train/accuracy": 100.0 * batch_correct / batch_seen,
                         "train/lr": st.opt.param_groups[0]["lr"], "train/step_time_ms": 1000.0 * dt}, st.step)
         st.step += 1
-        return value, batch_correct
+        return value, batch_correct, batch_seen
 
     def _evaluate(self, st: _Training) -> Dict[str, Any]:
         """Validation and (with ``evaluation.enabled``) test metrics, None where there is no split."""
@@ -395,7 +417,7 @@ class Run:
             if ds is None:
                 row.update({f"{split}_loss": None, f"{split}_accuracy": None, f"{split}_top{metrics.top_k}": None})
                 continue
-            ev = evaluate(st.model, ds, eval_bs, st.device, metrics.top_k)
+            ev = evaluate(st.model, ds, eval_bs, st.device, metrics.top_k, st.ranks)
             row.update({f"{split}_{k}": v for k, v in ev.items()})
         return row
 
@@ -455,6 +477,8 @@ class Run:
         """``checkpoint.pt`` after ``st.epoch`` epochs, ``best_model.pt`` when its validation is the
         best so far, and the results files (status ``running``). Never a state that is not finite."""
         self._check_finite_state(st)
+        if not self.ranks.main:
+            return
         state = {"format": RESULTS_FORMAT, "epoch": st.epoch, "step": st.step, "model": st.model.state_dict(),
                  "optimizer": st.opt.state_dict(), "scheduler": st.sched.state_dict() if st.sched is not None else None,
                  "rng": capture(all_cuda=True, host=True), "history": st.history, "alignment": st.align_rows,
@@ -514,13 +538,19 @@ def run_experiment(cfg: BenchmarkConfig, *, resume: bool = False, progress: Opti
     """
     if not isinstance(cfg, BenchmarkConfig):
         raise TypeError(f"run_experiment expects a BenchmarkConfig (see load_config), got {type(cfg).__name__}")
+    with parallel.launch(cfg) as ranks:  # under torchrun: this process's rank (bio_ext.benchmark.parallel)
+        return _run_experiment(cfg, resume, progress if ranks.main else None, on_epoch_end, ranks)
+
+
+def _run_experiment(cfg: BenchmarkConfig, resume: bool, progress, on_epoch_end,
+                    ranks: parallel.Ranks) -> ExperimentResult:
     out = experiment_dir(cfg)
-    # everything that can fail on the user's input fails here, before any folder is written: the data
-    # (a missing data directory names the files expected) and the model's options
-    bundle = load_data(cfg)
+    # everything that can fail on the user's input fails here, before any folder is written: the data (a missing
+    # data directory names the files expected; rank 0 loads first) and the model's options
+    bundle = ranks.first_on_rank0(load_data, cfg)
     build_plain_model(cfg, bundle)
-    runs = [Run(cfg, m, s, out / m / f"seed_{s}", progress=progress, on_epoch_end=on_epoch_end, bundle=bundle)
-            for m, s in cfg.runs()]
+    runs = [Run(cfg, m, s, out / m / f"seed_{s}", progress=progress, on_epoch_end=on_epoch_end, bundle=bundle,
+                ranks=ranks) for m, s in cfg.runs()]
     if not resume:
         taken = [str(r.run_dir) for r in runs if r.ckpt_path.exists() or r.results_path.exists()]
         if taken:
@@ -528,12 +558,14 @@ def run_experiment(cfg: BenchmarkConfig, *, resume: bool = False, progress: Opti
                 f"{len(taken)} run folder(s) hold results already ({', '.join(taken[:3])}"
                 f"{', ...' if len(taken) > 3 else ''}). Pass --resume (resume=True) to continue unfinished runs "
                 "and skip finished ones, or choose another experiment.name / output_dir.")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputDirError(out, f"the experiment folder cannot be made ({e.strerror or e}); set "
-                             "experiment.output_dir to a writable folder, or remove what is in the way") from None
-    write_text(out / "config.yaml", cfg.to_yaml())
+    ranks.barrier()  # every rank has looked for finished runs before rank 0 writes anything
+    if ranks.main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputDirError(out, f"the experiment folder cannot be made ({e.strerror or e}); set "
+                                 "experiment.output_dir to a writable folder, or remove what is in the way") from None
+        write_text(out / "config.yaml", cfg.to_yaml())
     results: List[RunResult] = []
     try:
         for run in runs:
@@ -548,18 +580,20 @@ def run_experiment(cfg: BenchmarkConfig, *, resume: bool = False, progress: Opti
     except KeyboardInterrupt:
         pending = [f"{r.mode}/seed_{r.seed}" for r in runs[len(results):]]
         log.info("interrupted: %d of %d run(s) done; writing the summary", len(results), len(runs))
-        partial = _write_summary(cfg, out, results, pending)
+        partial = _write_summary(cfg, out, results, pending, write=ranks.main)
         raise SweepInterrupted(
             f"interrupted: {len(results)} of {len(runs)} run(s) done, {out / 'summary.md'} written for them; run "
             "again with --resume to continue the others", partial, pending) from None
-    return _write_summary(cfg, out, results)
+    return _write_summary(cfg, out, results, write=ranks.main)
 
 
 def _write_summary(cfg: BenchmarkConfig, out: Path, results: List[RunResult],
-                   pending: Sequence[str] = ()) -> ExperimentResult:
-    """``summary.md`` and the figures of ``results`` (``pending``: the runs an interrupt left)."""
-    from .plots import plot_accuracy, plot_alignment  # matplotlib only once there is something to draw
+                   pending: Sequence[str] = (), write: bool = True) -> ExperimentResult:
+    """``summary.md`` and the figures of ``results`` (``pending``: runs an interrupt left; ``write`` False: none)."""
     table = summary_table(cfg, results)
+    if not write:
+        return ExperimentResult(cfg, out, results, table)
+    from .plots import plot_accuracy, plot_alignment  # matplotlib only once there is something to draw
     write_text(out / "summary.md", summary_markdown(cfg, results, table, pending))
     plot_accuracy(results, out / "accuracy.png", title=cfg.experiment.name)
     plot_alignment(results, out / "alignment.png", title=cfg.experiment.name)

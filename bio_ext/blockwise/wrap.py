@@ -136,6 +136,8 @@ def _open_block_session(state: BlockwiseState, step: "_Step", block: int):
 
 def _root_pre(state: BlockwiseState, module, args):
     if torch.is_grad_enabled() and module.training:
+        if state.config.early_backward and _under_ddp():
+            raise ConfigError([EARLY_BACKWARD_UNDER_DDP], what="blockwise model under DistributedDataParallel")
         state.step = state.last_step = _Step(state.pending)
         if state.direct is not None:
             state.outer_token = _open_block_session(state, state.step, 0)
@@ -143,6 +145,19 @@ def _root_pre(state: BlockwiseState, module, args):
         state.step = None
     state.pending = None
     return None
+
+
+EARLY_BACKWARD_UNDER_DDP = (
+    "early_backward=True back-propagates each local loss inside the forward, before DistributedDataParallel "
+    "can reduce the gradients, so the blocks would not be averaged across ranks (DDP then stops at the next "
+    "step with 'Expected to have finished reduction'); wrap the model with early_backward=False (the default) "
+    "to train it under DDP")
+
+
+def _under_ddp() -> bool:
+    """Whether a DistributedDataParallel forward is running (its module's hooks run inside it)."""
+    get = getattr(getattr(torch.nn.parallel, "DistributedDataParallel", None), "_get_active_ddp_module", None)
+    return get is not None and get() is not None
 
 
 def _root_post(state: BlockwiseState, module, args, output):

@@ -160,6 +160,10 @@ check is a ``torch.where`` on a 0-d tensor, so it needs no device sync. The cosi
 side by its largest magnitude first, so logits of 1e19 (estimates whose float32 norm overflows)
 give a finite cosine and step.
 
+**Under DistributedDataParallel** (:mod:`bio_ext.distributed`) the step is that of the global batch: the
+cosine's sums (and their gradients) are all-reduced once per step over the DDP's process group, so every rank
+holds the same feedback; each rank draws its perturbations from its own stream (the seed mixed with its rank).
+
 **How often the feedback steps.** Once each time a forward's output error arrives: every forward
 opens its own session (its own perturbations and output tangent), and the step runs in that
 session's error tap, right before the session projects ``e @ B``. So the count is per forward per
@@ -188,6 +192,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 
+from .. import distributed
 from .._utils import rng
 from ..errors import FeedbackSignalError, Problem
 from ..session import FeedbackSession, activate, reset
@@ -250,7 +255,7 @@ class _Forward:
     the output's tangent, and what the extra tangent directions need and produce."""
 
     __slots__ = ("perturbations", "out_tangent", "examples", "generator", "replay", "replays", "main", "cursor",
-                 "level", "counted", "sdpa", "only_slot", "cycle", "off")
+                 "level", "counted", "sdpa", "only_slot", "cycle", "off", "seed", "group")
 
     def __init__(self, generator: Optional[torch.Generator] = None, main: Optional[FeedbackSession] = None) -> None:
         self.perturbations: List[Optional[torch.Tensor]] = []
@@ -277,6 +282,10 @@ class _Forward:
         self.cycle: Optional[List[int]] = None
         #: no tangents in this forward (activation checkpointing): the step is DFA's, the feedback stays
         self.off = False
+        #: the perturbation generator's seed (this rank's, under torch.distributed)
+        self.seed: Optional[int] = None
+        #: the process group the feedback steps are all-reduced over (:mod:`bio_ext.distributed`), or None
+        self.group: Any = None
 
 
 @register_mode("grape", family="direct",
@@ -326,6 +335,10 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
         directions = options.get("directions", 1)
         device = next(module.parameters()).device
         seed = int(torch.randint(0, 2 ** 62, (1,)))
+        fwd.group = distributed.feedback_group(module)
+        if fwd.group is not None:  # a stream of each rank's own: perturbations are per-example noise
+            seed = distributed.rank_seed(seed, distributed.group_rank(fwd.group))
+        fwd.seed = seed
         fwd.generator = torch.Generator(device=device).manual_seed(seed)
         if directions > 1:
             fwd.replay = (module, args, kwargs, rng.capture(device), directions, device)
@@ -450,6 +463,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
 
         tangents = [(fwd.perturbations, fwd.out_tangent)] + [(us, t) for us, t in fwd.replays if t is not None]
         directions = None  # (perturbations, d) per tangent direction, computed when a layer needs them
+        synced = []  # under torch.distributed: the steps whose statistics are all-reduced together
         for slot, layer in enumerate(session.layers):
             u = fwd.perturbations[slot] if slot < len(fwd.perturbations) else None
             if u is None or layer is None:
@@ -471,10 +485,16 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
                 # B against the output's Jacobian: each direction's output tangent t = J u, projected
                 # through B as the error is, is compared with the perturbation u itself (E[t u^T] = J)
                 t = torch.cat([t.detach().to(wide).reshape(e.shape) for _, t in pairs])
-                self.step(layer, t, torch.cat([uk.reshape(n, -1) for uk, _ in pairs]).to(wide),
-                          session.infos[slot], opts, estimate=g)
+                call = (layer, t, torch.cat([uk.reshape(n, -1) for uk, _ in pairs]).to(wide), session.infos[slot],
+                        opts, g)
             else:
-                self.step(layer, e, g, session.infos[slot], opts)
+                call = (layer, e, g, session.infos[slot], opts, None)
+            if fwd.group is not None and opts["feedback_lr"] != 0:
+                synced.append(call)
+            else:
+                self.step(*call[:5], estimate=call[5])
+        if synced:
+            self.step_synced(synced, fwd.group)
 
     @staticmethod
     def step(layer, e: torch.Tensor, g: torch.Tensor, info, opts, estimate: Optional[torch.Tensor] = None) -> None:
@@ -504,6 +524,20 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             if lr == 0:
                 return
             apply_step(layer, fb, grad, finite(e, g, grad), lr, mom, half)
+
+
+    @staticmethod
+    def step_synced(calls, group) -> None:
+        """:meth:`step` for every layer of ``calls`` (``(layer, e, g, info, opts, estimate)``) on the global batch
+        of ``group``: one ``all_reduce`` of every layer's statistics (:func:`bio_ext.distributed.global_cosine`)."""
+        results = distributed.global_cosine([call[:4] for call in calls], group)
+        with torch.no_grad():
+            for (layer, _, _, _, opts, estimate), (grad, cos, ok, g) in zip(calls, results):
+                layer.grape_cos = cos
+                if opts["keep_estimate"]:
+                    layer.forward_gradient = (g if estimate is None else estimate).detach()
+                apply_step(layer, layer.feedback, grad, ok, opts["feedback_lr"], opts["momentum"],
+                           opts["feedback_lr_halflife"])
 
 
 CHECKPOINTING_WARNING = (
