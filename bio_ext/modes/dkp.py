@@ -72,13 +72,15 @@ def number_problems(mode: str, options: Mapping[str, Any], defaults: Mapping[str
 
 def counterpart_gradient(layer, e: torch.Tensor, x: torch.Tensor, info=None) -> Optional[torch.Tensor]:
     """``grad_B sum_n <P_B(e)_n, x_n>`` at the layer's feedback shape: the gradient that the adjoint of the
-    layer's feedback map (``x -> P_B^T x``) gets from ``e``. For flat feedback (``e @ B``) it is ``e^T x``.
+    layer's feedback map (``x -> P_B^T x``) gets from ``e``. For flat feedback (``e @ B``, and Conv2d's ``dense``
+    shape, which is ``e @ B`` reshaped) it is ``e^T x``, computed directly; otherwise by autograd.
     None when the rows of ``x`` cannot be matched with those of ``e``."""
     fb = layer.feedback
     dtype = torch.promote_types(e.dtype, fb.dtype)
     e, x = e.detach().to(dtype), x.detach().to(dtype)
     rows = e.shape[0]
-    if getattr(type(layer), "project_error", None) is project_flat:
+    if getattr(type(layer), "project_error", None) is project_flat or (isinstance(info, tuple) and info
+                                                                         and info[0] == "dense"):
         width = fb[0].numel()
         if x.numel() % (rows * width):
             return None
