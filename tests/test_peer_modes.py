@@ -231,6 +231,22 @@ def test_dkp_feedback_step_equals_its_formula_and_the_step_projects_the_old_feed
     assert int(l2.feedback_steps) == (1 if lr else 0)
 
 
+def test_dkp_output_layer_feedback_and_weight_converge_as_in_kolen_pollack():
+    """The output layer's feedback is injected at its input h, so its update e^T h is exactly its weight's
+    gradient: with SGD at the same rate and decay on both, B - W shrinks by (1 - lr decay) per step."""
+    lr, decay = 0.05, 0.2
+    model = bio_ext.convert(mlp(act=nn.Tanh), "dkp", seed=4, options={"feedback_lr": lr, "feedback_decay": decay})
+    out = linears(model)[-1]
+    gap0 = (out.feedback - out.weight).detach().clone()
+    opt = torch.optim.SGD([p for p in model.parameters() if p is out.weight], lr=lr, weight_decay=decay)
+    x, y = batch()
+    for _ in range(5):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    torch.testing.assert_close(out.feedback - out.weight.detach(), gap0 * (1 - lr * decay) ** 5)
+
+
 def test_dkp_dense_conv_feedback_step_is_the_error_times_the_flattened_input():
     net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(),
                         nn.Flatten(), nn.Linear(3 * 5 * 5, 4)).double()

@@ -1,8 +1,9 @@
 """DKP, Direct Kolen-Pollack: DFA whose feedback matrices learn, each with the update its forward counterpart would get.
 
-Paper: Webster, Choi & Ahn, "Learning the connections in direct feedback alignment" (2020); the same rule
-ships in the FDFA authors' code (Bacho & Chu 2024, ``Florian-BACHO/FDFA``, mode ``DKP``), which fixes the
-choices the paper's text leaves open. bio_ext follows that code where the paper is silent, and says so.
+Paper: Webster, Choi & Ahn, "Learning the connections in direct feedback alignment" (2020). The rule below is
+the one the FDFA authors' code ships as ``DKP`` (Bacho & Chu 2024, ``Florian-BACHO/FDFA``: the feedback's
+gradient is the output error times the activity where the feedback is injected); the paper's own equations
+were not available to check it against here.
 
 The rule. A layer's feedback ``B_l`` (``D x K``) turns the output error ``e`` (``N x D``) into the gradient
 injected at the layer's input, ``e @ B_l``, exactly as in ``dfa``. Kolen-Pollack learning (Kolen & Pollack
@@ -16,6 +17,10 @@ whose loss gradient is ``e^T h_l``. So, at every step::
 where ``h_l`` is the layer's input in this forward (``N x K``, the tensor at which the feedback is injected:
 after the previous layer's activation, as in the FDFA code's hook placement) and ``e = dL/d(output)``
 (``N x D``, so the batch reduction of the loss is already in it: a mean-reduced loss gives a batch mean).
+
+For the output layer this is exactly Kolen-Pollack: its feedback is injected at its input, so ``e^T h`` is its
+own weight's gradient, and with SGD at the same rate and decay on both, ``B - W`` shrinks by
+``(1 - lr decay)`` every step (tested): the last hidden layer's signal then approaches backprop's.
 
 Choices the paper leaves open, as defined here:
 
