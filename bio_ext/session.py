@@ -265,6 +265,8 @@ class FeedbackSession:
             bcat = bcat.to(e.dtype)
         full = e.mm(bcat)
         self.proj = full.split(self.widths, dim=1) if len(self.widths) > 1 else (full,)
+        if self.rule is not None:
+            self.rule.after_projection(self, self.error)
 
     def take(self, slot: int) -> torch.Tensor:
         if self.proj is None:

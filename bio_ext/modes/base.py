@@ -119,7 +119,7 @@ class FeedbackRule:
     no-ops here: :meth:`open_forward` / :meth:`close_forward` around the model's forward,
     :meth:`enter` when a layer is about to use the tensor its feedback is injected at,
     :meth:`on_output` on the output tensor before the error tap, :meth:`before_projection`
-    and :meth:`error_signal` when the output error arrives. GrAPE (:mod:`bio_ext.modes.grape`)
+    and :meth:`error_signal` when the output error arrives, :meth:`after_projection` once it is projected. GrAPE (:mod:`bio_ext.modes.grape`)
     is written entirely through them.
     """
 
@@ -180,6 +180,11 @@ class FeedbackRule:
     def error_signal(self, e: torch.Tensor) -> torch.Tensor:
         """The signal the feedback projects, given the output error ``e`` (``N x D``)."""
         return e
+
+    def after_projection(self, session, e: torch.Tensor) -> None:
+        """The projections of the output error ``e`` (``N x D``) have been computed (``session.proj``): a rule
+        that updates its feedback from this step's error without changing this step's projection (DKP) does it
+        here."""
 
 
 def register_mode(name: str, *, family: str, description: str = "",
