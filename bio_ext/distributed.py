@@ -10,6 +10,12 @@ Wrap a converted (or block-wise) model in PyTorch's own ``DistributedDataParalle
 
 What holds (tested with 2 gloo ranks in ``tests/test_distributed.py``):
 
+* ``pepita``: its weight updates are sums over examples of per-example terms (each example's two passes), so
+  DDP's average of the shards' updates is the whole batch's, as for backprop (tested).
+* ``dkp`` and ``fdfa``: their feedback learns in the backward from sums over the batch (``e^T h``; the
+  Jacobian estimate ``t^T u / N``); under DDP each step averages them over the ranks with one ``all_reduce``
+  (:func:`reduce_tensors` over :func:`feedback_group`), so the feedback is bit-identical on every rank and
+  equals a single process on the concatenated batch (fdfa: with the ranks' perturbations; tested).
 * ``bp``, ``fa``, ``usf``, ``brsf``, ``frsf``, ``dfa``, ``drtp`` and ``bwbpf``: every rank's gradient is linear
   in its shard's output error (the projection ``e @ B`` with a fixed ``B``, or the transported one), so with
   equal shards and a mean-reduced loss the all-reduced gradient equals the single-process gradient of the

@@ -38,8 +38,11 @@ FACTORIES = {"mlp": (mlp, (6,)), "deep_mlp": (deep_mlp, (6,)), "cnn": (cnn, (2, 
 GRADIENT_CASES = [("mlp", m, {}) for m in ("bp", "fa", "usf", "brsf", "frsf", "dfa", "drtp")] + [
     ("cnn", "fa", {}), ("cnn", "dfa", {}), ("cnn", "drtp", {}), ("cnn", "dfa", {"conv_feedback": "dense"}),
     ("deep_mlp", "bwbpf", {"blocks": 2}), ("cnn", "bwbpf", {"blocks": 2}),
-    ("deep_mlp", "bwbpf", {"blocks": 2, "layer_mode": "dfa"}),
+    ("deep_mlp", "bwbpf", {"blocks": 2, "layer_mode": "dfa"}), ("mlp", "pepita", {}),
 ]
+#: (factory, mode, convert options): the other modes whose feedback learns, under DDP with broadcast_buffers=False
+LEARNED_CASES = [("mlp", "dkp", {"options": {"feedback_lr": 0.05}}), ("mlp", "fdfa", {}),
+                 ("cnn", "fdfa", {"conv_feedback": "dense"})]
 
 GRAPE_OPTIONS = {"feedback_lr": 0.3, "momentum": 0.5}
 JACOBIAN = {"options": {**GRAPE_OPTIONS, "feedback_target": "jacobian", "directions": 2}}
@@ -122,6 +125,10 @@ def run_rank(rank, init_file, out_dir, runner_argv=None, port=None):
             distributed.sync_feedback(model, group)
             x, y = data(factory)
             out[case_name(factory, "grape", opts, how, sync)] = train(model, shard(x, rank), shard(y, rank))
+        for factory, mode, opts in LEARNED_CASES:
+            model = DDP(build(factory, mode, opts), broadcast_buffers=False)
+            x, y = data(factory)
+            out[case_name(factory, mode, opts)] = train(model, shard(x, rank), shard(y, rank))
         out["nonfinite"] = nonfinite(rank)
         out["early_backward"] = early_backward()
         world = torch.distributed.group.WORLD

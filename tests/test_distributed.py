@@ -80,7 +80,7 @@ def _close(a, b, what, **tol):
 
 def _reference(factory, mode, opts):
     x, y = W.data(factory)
-    if mode == "grape":
+    if mode in ("grape", "fdfa"):  # fdfa perturbs with GrAPE's machinery
         with W.rank_perturbations():
             return W.train(W.build(factory, mode, opts), x, y)
     return W.train(W.build(factory, mode, opts), x, y)
@@ -121,6 +121,24 @@ def test_grape_feedback_is_identical_across_ranks_and_equals_the_whole_batch(ran
     if how == "plain":  # each rank trains its own weights: only the feedback is shared
         return
     ref = _reference(factory, "grape", opts)
+    _close(r0["buffers"], ref["buffers"], "buffer")
+    for step, (g, r) in enumerate(zip(r0["grads"], ref["grads"])):
+        _close(g, r, f"step {step} gradient")
+
+
+@pytest.mark.parametrize("factory,mode,opts", W.LEARNED_CASES, ids=[W.case_name(*c) for c in W.LEARNED_CASES])
+def test_learned_feedback_of_dkp_and_fdfa_is_identical_across_ranks_and_equals_the_whole_batch(ranks, factory,
+                                                                                              mode, opts):
+    """dkp's Kolen-Pollack step and fdfa's Jacobian estimate are averaged over the ranks (one all_reduce per
+    step): with broadcast_buffers=False the feedback stays bit-identical on both ranks and equals one process on
+    the concatenated batch (fdfa: with the ranks' perturbations), and so do the gradients."""
+    name = W.case_name(factory, mode, opts)
+    r0, r1 = ranks[0][name], ranks[1][name]
+    for n, b in r0["buffers"].items():
+        assert torch.equal(b, r1["buffers"][n]), f"{n} differs between the ranks"
+    initial = W.build(factory, mode, opts).state_dict()
+    assert any(n.endswith("feedback") and not torch.equal(b, initial[n]) for n, b in r0["buffers"].items())
+    ref = _reference(factory, mode, opts)
     _close(r0["buffers"], ref["buffers"], "buffer")
     for step, (g, r) in enumerate(zip(r0["grads"], ref["grads"])):
         _close(g, r, f"step {step} gradient")

@@ -56,6 +56,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
+from .. import distributed
 from ..errors import Problem
 from ..functional import project_flat
 from .base import FeedbackRule, register_mode
@@ -122,36 +123,51 @@ class DirectKolenPollack(DirectFeedbackAlignment):
         return buffers
 
     def open_forward(self, session, module, args, kwargs, options) -> None:
-        session.rule_state = []  # the activity at each slot's injection point
+        session.rule_state = _Activity()
+        session.rule_state.group = distributed.feedback_group(module)  # resolved in the (DDP) forward
 
     def enter(self, session, layer, x, info=None):
         slot, x = super().enter(session, layer, x, info)
         if slot >= 0:
             acts = session.rule_state
             if acts is None:
-                acts = session.rule_state = []
+                acts = session.rule_state = _Activity()
             acts.extend([None] * (slot + 1 - len(acts)))
             acts[slot] = x.detach()
         return slot, x
 
     def after_projection(self, session, e: torch.Tensor) -> None:
         acts = session.rule_state or []
+        todo = []
         for slot, layer in enumerate(session.layers):
             h = acts[slot] if slot < len(acts) else None
             if h is None or layer is None or not hasattr(layer, "feedback_steps"):
                 continue
             opts = {**DEFAULTS, **layer.mode_options}
-            lr, decay = opts["feedback_lr"], opts["feedback_decay"]
-            if lr == 0:
+            if opts["feedback_lr"] == 0:
                 continue
             g = counterpart_gradient(layer, e, h, session.infos[slot])
-            if g is None:
-                continue
+            if g is not None:
+                todo.append((layer, opts, g.to(layer.feedback.dtype)))
+        if not todo:
+            return
+        # under DDP the step of the global batch (the ranks' mean, equal shards) and skipped on every rank when one
+        # rank's error is not finite: one all_reduce for every layer
+        bad = (~torch.isfinite(e).all()).to(todo[0][2].dtype).reshape(1)
+        *grads, bad = distributed.reduce_tensors([g for *_, g in todo] + [bad], getattr(acts, "group", None),
+                                                 mean=True)
+        for (layer, opts, _), g in zip(todo, grads):
             with torch.no_grad():
                 fb = layer.feedback
-                g = g.to(fb.dtype)
-                ok = torch.isfinite(g).all() & torch.isfinite(e).all()
-                new = fb - lr * (g + decay * fb)
+                ok = torch.isfinite(g).all() & (bad[0] == 0)
+                new = fb - opts["feedback_lr"] * (g + opts["feedback_decay"] * fb)
                 fb.copy_(torch.where(ok, new, fb))
                 layer.feedback_steps += ok.to(torch.long)
                 layer.feedback_skips += (~ok).to(torch.long)
+
+
+class _Activity(list):
+    """The activity at each slot's injection point in one forward, and the process group (or None) the feedback
+    step is averaged over (:func:`bio_ext.distributed.feedback_group`)."""
+
+    group: Any = None

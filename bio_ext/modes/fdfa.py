@@ -62,6 +62,7 @@ from typing import Any, Dict
 
 import torch
 
+from .. import distributed
 from ..errors import Problem, UnsupportedModuleError
 from .base import FeedbackRule, register_mode
 from .dkp import counterpart_gradient
@@ -133,6 +134,7 @@ class ForwardDirectFeedbackAlignment(GradientAlignedProjectedError):
             return
         rows = e.shape[0]
         tangents = [(fwd.perturbations, fwd.out_tangent)] + [(us, t) for us, t in fwd.replays if t is not None]
+        todo = []
         for slot, layer in enumerate(session.layers):
             u = fwd.perturbations[slot] if slot < len(fwd.perturbations) else None
             if u is None or layer is None or not hasattr(layer, "feedback_avg"):
@@ -151,7 +153,10 @@ class ForwardDirectFeedbackAlignment(GradientAlignedProjectedError):
                 est = g if est is None else est + g
             if est is None:
                 continue  # the rows of this input cannot be matched with the output's
-            est = est / (len(pairs) * rows)
+            todo.append((slot, layer, opts, est / (len(pairs) * rows)))
+        # under DDP the estimate of the global batch: the mean of the ranks' (equal shards), one all_reduce
+        estimates = distributed.reduce_tensors([est for *_, est in todo], getattr(fwd, "group", None), mean=True)
+        for (slot, layer, opts, _), est in zip(todo, estimates):
             if opts["keep_estimate"]:
                 layer.forward_gradient = layer.project_error(e.detach().to(est.dtype), est, session.infos[slot])
             if opts["update"]:
