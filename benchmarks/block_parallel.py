@@ -4,14 +4,14 @@ For each model, in one run of this script:
 
 * ``backprop``: one process, ``--threads`` torch threads (default 2), plain training steps;
 * ``blockwise K=2``: the same process and threads, ``bio_ext.blockwise`` (isolated blocks), one step per
-  micro-batch as the block-parallel run takes;
+  micro-batch (``--micro-batches``) as the block-parallel run takes;
 * ``block-parallel``: 2 processes x 1 thread (gloo), ``bio_ext.blockwise.parallel``, block k on rank k;
 * ``pipelined backprop``: 2 processes x 1 thread, ``torch.distributed.pipelining`` (``--schedule`` GPipe or
-  1F1B) on the same model cut at the same place, the same micro-batches, one optimizer step per batch.
+  1F1B) on the same model cut at the same place, ``--pipe-micro-batches``, one optimizer step per batch.
 
 Images per second over ``--steps`` batches after ``--warmup``; ratios to backprop. Rank 0 reports.
 
-    python benchmarks/block_parallel.py --models cnn,resnet18 --steps 20 --micro-batches 4
+    python benchmarks/block_parallel.py --models cnn,resnet18 --steps 20
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def single_process(name: str, args) -> Dict[str, float]:
         F.cross_entropy(model(x), y).backward()
         opt.step()
     out["backprop"] = _images_per_s(bp, name, args.steps, args.warmup)
-    wrapped = bio_ext.blockwise(_model(name), 2, example_input=_example(name))
+    splits = dict(kv.split("=") for kv in args.splits.split(",") if kv).get(name)
+    wrapped = bio_ext.blockwise(_model(name), 2, example_input=_example(name), **({"splits": [splits]} if splits else {}))
     opt2 = torch.optim.SGD(wrapped.parameters(), lr=0.01)
 
     def bw(s):
@@ -120,20 +121,26 @@ def _worker(rank: int, world: int, store: str, name: str, args, out_file: str) -
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     results = {}
     try:
-        stage = bio_ext.blockwise.parallel(_model(name), _example(name), micro_batches=args.micro_batches)
+        splits = dict(kv.split("=") for kv in args.splits.split(",") if kv).get(name)
+        options = {"splits": [splits]} if splits else {}
+        stage = bio_ext.blockwise.parallel(_model(name), _example(name), micro_batches=args.micro_batches,
+                                           **options)
         opt = torch.optim.SGD(stage.parameters(), lr=0.01)
 
         def bpar(s):
             x, y = _batch(name, s) if rank == 0 else (None, None)
             stage.train_step(x, y, opt)
-        results["block-parallel (2 processes)"] = _images_per_s(bpar, name, args.steps, args.warmup, dist.barrier)
-        entry = bio_ext.blockwise.partition_of(bio_ext.blockwise(_model(name), 2, example_input=_example(name))) \
-            .block_entry(1)
+        def barrier():
+            stage.flush()
+            dist.barrier()
+        results["block-parallel (2 processes)"] = _images_per_s(bpar, name, args.steps, args.warmup, barrier)
+        entry = splits or bio_ext.blockwise.partition_of(
+            bio_ext.blockwise(_model(name), 2, example_input=_example(name))).block_entry(1)
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
         half = _halves(_model(name), entry)[rank]
         pstage = PipelineStage(half, rank, world, torch.device("cpu"))
         schedule_cls = ScheduleGPipe if args.schedule == "gpipe" else Schedule1F1B
-        schedule = schedule_cls(pstage, args.micro_batches, loss_fn=F.cross_entropy)
+        schedule = schedule_cls(pstage, args.pipe_micro_batches, loss_fn=F.cross_entropy)
         popt = torch.optim.SGD(half.parameters(), lr=0.01)
 
         def pipe(s):
@@ -158,14 +165,20 @@ def main(argv=None) -> None:
     p.add_argument("--models", default="cnn,resnet18")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--micro-batches", type=int, default=4)
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="of block-parallel training and single-process blockwise (a step each); 1: the blocks still "
+                        "overlap, across batches, since no gradient comes back")
+    p.add_argument("--pipe-micro-batches", type=int, default=4, help="of pipelined backprop (one step per batch)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the single-process runs")
     p.add_argument("--schedule", choices=["gpipe", "1f1b"], default="gpipe")
+    p.add_argument("--splits", default="", help="model=unit pairs: where to cut instead of the flops-balanced "
+                                                "default (e.g. resnet18=layer4.0), for both 2-process runs")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     print(f"# block-parallel throughput, {datetime.date.today()}, {hardware()}")
-    print(f"# steps {args.steps} (after {args.warmup} warm-up), {args.micro_batches} micro-batches per batch")
+    print(f"# steps {args.steps} (after {args.warmup} warm-up); micro-batches per batch: {args.micro_batches} "
+          f"(block-parallel, blockwise), {args.pipe_micro_batches} (pipelined backprop)")
     everything = {}
     for name in args.models.split(","):
         res = single_process(name, args)

@@ -61,6 +61,7 @@ def _worker(rank, world, store, out):
             for step in range(STEPS):
                 x, y = _data(shape, step)
                 stage.train_step(x, y, opt) if rank == 0 else stage.train_step(None, None, opt)
+            stage.flush()
             stand_ins = sum(isinstance(m, _StandIn) for m in stage.model.modules())
             torch.save({"params": {n: p.detach().clone() for n, p in stage.named_parameters()},
                         "stand_ins": stand_ins}, f"{out}/{name}-{rank}.pt")

@@ -12,6 +12,7 @@ method buys over pipelined backprop, which must send the gradients back down).
     opt = torch.optim.SGD(stage.parameters(), lr=0.1)
     for x, y in loader:                                 # rank 0 needs x and y; the others may pass None
         stage.train_step(x, y, opt, loss_fn=F.cross_entropy)
+    stage.flush()                                       # the last sends have arrived
 
 How a process runs its block, for any model :func:`~bio_ext.blockwise.blockwise` can split: every process
 builds the same wrapped model (same seed); on process ``k`` the layers of the blocks below ``k`` are replaced
@@ -104,6 +105,7 @@ class BlockStage(nn.Module):
         self._in_dtype = p0.dtype
         self._stand_ins(part)
         self._recv: Optional[torch.Tensor] = None
+        self._pending: List[Tuple[Any, torch.Tensor]] = []
         self._captured: Optional[torch.Tensor] = None
         if self.entry is not None:
             self.model.get_submodule(self.entry).register_forward_pre_hook(self._take_input, with_kwargs=True)
@@ -189,7 +191,7 @@ class BlockStage(nn.Module):
         optimizer step per micro-batch. Process 0 passes ``x`` and ``y``; the others may pass None (they
         receive both). Returns the last process's mean global loss on that process, the mean local loss on
         the others."""
-        prev, nxt = self.rank - 1, self.rank + 1
+        prev = self.rank - 1
         if self.rank == 0:
             if x is None or y is None:
                 raise ConfigError(["block-parallel: process 0 needs the batch (x, y) at every train_step"])
@@ -198,9 +200,7 @@ class BlockStage(nn.Module):
         else:
             sizes = torch.empty(self.micro_batches, dtype=torch.long)
             dist.recv(sizes, prev, group=self.group)
-        if not self.last:
-            dist.send(sizes, nxt, group=self.group)
-        pending: List[Any] = []
+        header = [sizes] if not self.last else []  # sent on with the first micro-batch
         losses = []
         for m, rows in enumerate(sizes.tolist()):
             if self.rank == 0:
@@ -213,10 +213,8 @@ class BlockStage(nn.Module):
                 xm = self._dummy(rows)
             act, out = self._forward(xm, recv)
             if not self.last:
-                for work, _ in pending:
-                    work.wait()
-                sent = (ym.contiguous(), act.detach().contiguous())  # kept alive until the sends complete
-                pending = [(dist.isend(t, nxt, group=self.group), t) for t in sent]
+                self._send(header + [ym.contiguous(), act.detach().contiguous()])
+                header = []
             optimizer.zero_grad(set_to_none=True)
             a = self.aux(act)
             g, value = local_grad(a, ym, self.local_weight)
@@ -228,9 +226,20 @@ class BlockStage(nn.Module):
                 a.backward(g)
             optimizer.step()
             losses.append(value)
-        for work, _ in pending:
-            work.wait()
         return sum(losses) / len(losses)
+
+    def _send(self, tensors: List[torch.Tensor]) -> None:
+        """Send ``tensors`` to the next process without waiting for them to arrive: the sends before them are
+        waited for first (so a process runs at most one micro-batch ahead of the next, across calls too)."""
+        self.flush()
+        self._pending = [(dist.isend(t, self.rank + 1, group=self.group), t) for t in tensors]  # t kept alive
+
+    def flush(self) -> None:
+        """Wait until what this process sent has arrived (call it after the last :meth:`train_step`, before
+        ``destroy_process_group``)."""
+        for work, _ in self._pending:
+            work.wait()
+        self._pending = []
 
     def _dummy(self, rows: int) -> torch.Tensor:
         """What the model's forward is called with on a process > 0 (its input is replaced at the block)."""
