@@ -35,7 +35,7 @@ import contextlib
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
