@@ -182,8 +182,7 @@ def _root_hook(module: nn.Module, args, output):
     replaced = None
     try:
         if session is not None:
-            rule = state.mode.rule
-            if rule.traceable and not rule.forward_gradient and state.output_layer is not None:
+            if state.mode.rule.traces_under_compile and state.output_layer is not None:
                 tapped = tap_at_root(module.get_submodule(state.output_layer), output, session, state.output_dim,
                                      state.config.output_key)
                 replaced, output = (tapped if tapped is not output else None), tapped
@@ -385,8 +384,8 @@ def _convert_planned(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec) -> n
         raise NothingToConvertError(
             f"no layer to convert in {type(target).__name__}: bio_ext converts nn.Linear, nn.Conv2d and "
             "transformers Conv1D (check include/exclude if you set them)")
-    guess = _output.choose(target, cfg, *last, traced=spec.rule.traceable and not spec.rule.forward_gradient) \
-        if spec.family == "direct" else None
+    guess = _output.choose(target, cfg, *last, traced=spec.rule.traces_under_compile) if spec.family == "direct" \
+        else None
     out = _output.find(target, cfg, spec, guess) if guess is not None else _output.Output(dim=cfg.output_dim)
     if out.at_input:
         selected = [(n, h) for n, h in selected if n != out.layer]  # trains on the true error
@@ -486,8 +485,7 @@ def detach_feedback(model: nn.Module) -> None:
     converted layers: for a method that opens sessions of its own (block-wise training with a direct
     ``layer_mode`` gives every block a session fed by its local error)."""
     for m in model.modules():
-        remove_hooks(m, (_first_forward_hook, _root_pre_hook, _root_hook, output_hook, input_tap_hook))
-        m.__dict__.pop(ROOT_TAP, None)
+        _remove_session_hooks(m)
         if isinstance(m, FeedbackLayer):
             m.tap_takes_traced = False
 
@@ -532,9 +530,14 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     _points.uninstall(root)
     for m in [work, root, *root.modules()]:
         m.__dict__.pop(STATE_ATTR, None)
-        remove_hooks(m, (_first_forward_hook, _root_pre_hook, _root_hook, output_hook, input_tap_hook))
-        m.__dict__.pop(ROOT_TAP, None)
+        _remove_session_hooks(m)
     return root
+
+
+def _remove_session_hooks(m: nn.Module) -> None:
+    """Take ``convert``'s hooks (first-forward check, session, error tap) and the root-tap mark off ``m``."""
+    remove_hooks(m, (_first_forward_hook, _root_pre_hook, _root_hook, output_hook, input_tap_hook))
+    m.__dict__.pop(ROOT_TAP, None)
 
 
 def is_converted(model: nn.Module) -> bool:

@@ -181,8 +181,7 @@ def mark_root_tap(root: nn.Module, state, returned: Set[str]) -> None:
     """Mark the output layer (:data:`~bio_ext.session.ROOT_TAP`) when a probe saw its output returned as it is
     (``returned``: layer names) and the mode's layers trace under ``torch.compile``: compiled forwards then tap
     the error at the root, after the compiled region, instead of breaking the graph at the output layer."""
-    rule = state.mode.rule
-    if not (rule.traceable and not rule.forward_gradient and state.output_layer and state.output_layer in returned):
+    if not (state.mode.rule.traces_under_compile and state.output_layer and state.output_layer in returned):
         return
     tap = root.get_submodule(state.output_layer)
     if any(hook_function(h) is output_hook for h in tap._forward_hooks.values()):  # not a head-input tap

@@ -415,15 +415,17 @@ def tap_at_root(tap_module, output, session: FeedbackSession, output_dim: int, k
     hook recorded its output there (see :data:`ROOT_TAP`); ``output`` unchanged otherwise. On an eager forward
     whose return value is the tapped output, mark the output layer so that compiled forwards need no break."""
     pending = getattr(tap_module, ROOT_TAP, None)
-    returned = output_tensors(output, key) if output is not None else []
-    if not pending:
-        if pending is None and session.tapped and any(isinstance(t.grad_fn, ErrorTap._backward_cls)
-                                                      for _, t in returned):
+    if pending:  # a compiled forward: the output layer's hook only recorded its output
+        recorded = pending[-1]
+        pending.clear()
+    elif pending is None and session.tapped and output is not None:  # eager, not marked yet
+        if any(isinstance(t.grad_fn, ErrorTap._backward_cls) for _, t in output_tensors(output, key)):
             setattr(tap_module, ROOT_TAP, [])
         return output
-    recorded = pending[-1]
-    pending.clear()
-    same = [k for k, t in returned if t.grad_fn is recorded.grad_fn and t.output_nr == recorded.output_nr]
+    else:
+        return output
+    same = [k for k, t in output_tensors(output, key)
+            if t.grad_fn is recorded.grad_fn and t.output_nr == recorded.output_nr]
     if len(same) != 1:
         raise FeedbackSignalError(
             "under torch.compile the output layer's output was expected to be the model's return value (as in "

@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._utils.outputs import find_output, first_tensor
+from .._utils.probing import quiet_forward
 from ..errors import ConfigError, ConversionError
 from ..registry import get_mode
 from .heads import local_grad
@@ -141,16 +142,12 @@ class BlockStage(nn.Module):
             shapes.setdefault(name, (tuple(tensor.shape), tensor.dtype))
 
         handles = [m.register_forward_hook(functools.partial(record, n)) for n, m in owners.items()]
-        flags = [(m, m.training) for m in self.model.modules()]
         try:
-            self.model.eval()
-            with torch.no_grad():
+            with quiet_forward(self.model, grad=False):
                 self.model(self._example)
         finally:
             for h in handles:
                 h.remove()
-            for m, flag in flags:
-                m.training = flag
         return shapes
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):

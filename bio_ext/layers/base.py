@@ -118,8 +118,7 @@ class FeedbackLayer(nn.Module):
         eagerly at the output, registers those inputs with the session and hands each its projection
         ``e @ B`` in its backward (:func:`bio_ext.session.tap_output`). The gradients are the eager path's.
         """
-        rule = self.mode_spec.rule
-        return self.tap_takes_traced and rule.traceable and not rule.forward_gradient and torch.compiler.is_compiling()
+        return self.tap_takes_traced and self.mode_spec.rule.traces_under_compile and torch.compiler.is_compiling()
 
     def traced_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` detached, recorded for the error tap when it needs a gradient (see :meth:`traces_direct`)."""

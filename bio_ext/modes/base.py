@@ -138,6 +138,12 @@ class FeedbackRule:
     #: before such a buffer existed still load strictly)
     transient_buffers: Tuple[str, ...] = ()
 
+    @property
+    def traces_under_compile(self) -> bool:
+        """Whether converted layers take the traceable path under ``torch.compile``: the rule says it is
+        ``traceable`` and needs no forward-mode tangents."""
+        return self.traceable and not self.forward_gradient
+
     def validate_options(self, options: Mapping[str, Any]) -> List[Problem]:
         """Problems with the mode-specific ``options`` (every one)."""
         return [Problem(f"options.{k}", "mode takes no options") for k in options]
