@@ -16,7 +16,7 @@ p.add_argument("--seed", type=int, default=0); p.add_argument("--lr", type=float
 p.add_argument("--bs", type=int, default=64); p.add_argument("--convert", default="{}")
 p.add_argument("--options", default="{}"); p.add_argument("--transform", default="none")
 p.add_argument("--constrain", action="store_true"); p.add_argument("--size", type=int, default=32)
-p.add_argument("--dataset", default="cifar10"); p.add_argument("--kwargs", default="{}"); p.add_argument("--ntest", type=int, default=1000)
+p.add_argument("--width", type=int, default=1); p.add_argument("--tanmode", default="example"); p.add_argument("--dataset", default="cifar10"); p.add_argument("--kwargs", default="{}"); p.add_argument("--ntest", type=int, default=1000)
 a = p.parse_args()
 from bio_ext.session import FeedbackSession
 _orig = FeedbackSession.receive_error
@@ -36,11 +36,42 @@ def _recv(self, e):
     self.proj = tuple(out)
 FeedbackSession.receive_error = _recv
 torch.set_num_threads(2)
+if a.tanmode == "batch":
+    # with --convert '{"tangential": true}': each example's signal orthogonal to its own input (the library's) and
+    # the batch's mean signal orthogonal to the batch's mean input: g_n - a_n x_n - c xbar, the N + 1 numbers solved
+    # in closed form (the least-squares projection onto those constraints; checked against a solve in float64)
+    import bio_ext.layers.linear as _L, bio_ext.layers.conv2d as _C
+    def _batch_tangential(g, x, lead=1):
+        rows = 1
+        for s_ in g.shape[:lead]:
+            rows *= s_
+        g2, x2 = g.reshape(rows, -1), x.detach().reshape(rows, -1).to(g.dtype)
+        tiny = torch.finfo(g.dtype).tiny
+        xx = (x2 * x2).sum(1).clamp_min(tiny)
+        xbar = x2.mean(0)
+        gx, xxbar = (g2 * x2).sum(1), x2 @ xbar
+        num = (g2 @ xbar).sum() - (gx * xxbar / xx).sum()
+        den = rows * (xbar @ xbar) - (xxbar * xxbar / xx).sum()
+        c = torch.where(den > 1e-6 * rows * (xbar @ xbar), num / den.clamp_min(tiny), torch.zeros_like(num))
+        return (g2 - ((gx - c * xxbar) / xx)[:, None] * x2 - c * xbar[None]).reshape(g.shape)
+    _L.tangential = _C.tangential = _batch_tangential
 b = load_dataset(a.dataset, os.environ["BIO_EXT_CIFAR10_ROOT"] if a.dataset == "cifar10" else __import__("os").path.join(__import__("os").path.dirname(__file__), "..", "..", "..", "shared", "data", "mnist"),
                  val_fraction=0.0, seed=a.seed, limit=a.n)
 torch.manual_seed(a.seed)
 ishape = (3, a.size, a.size) if a.dataset == "cifar10" else tuple(b.input_shape)
 model = build_model(a.model, num_classes=10, input_shape=ishape, **json.loads(a.kwargs))
+if a.width > 1:  # the same depth and layout with every width divided by --width (cheap proxy for long runs)
+    from torchvision.models.vgg import VGG, make_layers, cfgs
+    cfg = {"vgg16": "D", "vgg16_bn": "D", "vgg11": "A"}[a.model]
+    torch.manual_seed(a.seed)
+    model = VGG(make_layers([c if c == "M" else c // a.width for c in cfgs[cfg]], batch_norm=a.model.endswith("_bn")),
+                num_classes=10)
+    c, h = 512 // a.width, 4096 // a.width
+    model.classifier = nn.Sequential(nn.Linear(c * 49, h), nn.ReLU(True), nn.Dropout(0.5), nn.Linear(h, h),
+                                     nn.ReLU(True), nn.Dropout(0.5), nn.Linear(h, 10))
+    for m in model.classifier:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01); nn.init.constant_(m.bias, 0)
 kw = json.loads(a.convert); opts = json.loads(a.options)
 if a.mode != "bp":
     if kw.get("conv_feedback", "kernel") != "kernel":

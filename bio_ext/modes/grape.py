@@ -145,7 +145,11 @@ it, and ``factored`` + ``tangential`` stops it but learns nothing in 64 steps. I
 GrAPE is DFA with a slowly turning feedback (its cosine with the estimate stays within 0.015 of 0 in
 every VGG-16 layer, with either ``feedback_target``), so it inherits DFA's divergence; what the seed's
 Table 2 needs, feedback that has aligned before the classifier's activity explodes, is not reached
-at the step counts measured here.
+at the step counts measured here. Longer runs (189 steps of the full VGG-16, 400 of a VGG-16 with every width
+divided by 4; BENCHMARKS.md, "Deep networks, third round"): on the narrow network ``tangential`` stops the growth
+altogether, on the full one it only slows it (the activity still doubles every epoch); also making the batch's
+mean signal orthogonal to the batch's mean input does not help there. ``tangential`` is the option to use on
+deep ReLU networks without normalisation; the issue's bar for a default (no divergence on VGG-16) is not met.
 
 After each step every layer holds ``layer.grape_cos``: the mini-batch cosine
 between its projected error and its forward-gradient estimate, before the update.
