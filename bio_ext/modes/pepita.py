@@ -30,13 +30,15 @@ One step, inside the user's ordinary ``model(x)`` / ``loss.backward()`` / ``opti
 
 ``F`` and its scale. Every converted layer holds a ``feedback`` of shape ``(D, in_features)``; the first
 converted layer's is ``F`` (the others are not used: any layer can be first, e.g. under ``include``). Entries
-are uniform in ``+-0.05 sqrt(6 / D)`` (the reference code: He-uniform with fan-in ``D``, times ``Bstd`` 0.05),
-times ``convert(..., scale=s)``: ``scale`` is the factor on the papers' 0.05. ``init`` is ignored.
+are uniform in ``+-0.05 sqrt(6 / D)`` (the reference code from July to mid-October 2022: He-uniform with fan-in
+``D``, times ``Bstd`` 0.05; from 20 October 2022 on, and in its published zip, the fan-in is the input width ``K``,
+``+-0.05 sqrt(6 / K)``, a smaller ``F`` when ``K > D``: pass ``scale=sqrt(D / K)`` for it), times
+``convert(..., scale=s)``: ``scale`` is the factor on the papers' 0.05. ``init`` is ignored.
 
 Choices the papers leave open, as defined here:
 
-* **sign of the modulation**: ``x + F e`` with the fixed random ``F``, as in the reference code's versions up to
-  October 2022; its later versions (and the GrAPE seed) write ``x - F e``: with a zero-mean symmetric ``F`` the
+* **sign of the modulation**: ``x + F e`` with the fixed random ``F``, as in the reference code before 3 October
+  2022; its later versions (and the GrAPE seed) write ``x - F e``: with a zero-mean symmetric ``F`` the
   two are the same distribution. With weight mirroring the sign matters (a mirrored ``F`` is aligned with the
   forward weights, and ``+`` would turn the hidden updates uphill): there it is ``x - F e``, as in the
   reference code;
