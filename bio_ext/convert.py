@@ -410,6 +410,7 @@ def _convert_planned(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec) -> n
         new.setup_feedback(output_dim=out.dim, init=cfg.init, scale=cfg.scale, generator=generator,
                            conv_error=cfg.conv_error, conv_feedback=cfg.conv_feedback, input_size=grids.get(name))
         new.mode_options = dict(cfg.options)
+        spec.rule.prepare(new, generator)
         new_layers.append((name, new))
     # every layer is built: nothing below can fail, so the model is never half converted
     root = _install(target, cfg, spec, out, new_layers, point_plan, generator, guess)

@@ -11,7 +11,9 @@ Wrap a converted (or block-wise) model in PyTorch's own ``DistributedDataParalle
 What holds (tested with 2 gloo ranks in ``tests/test_distributed.py``):
 
 * ``pepita``: its weight updates are sums over examples of per-example terms (each example's two passes), so
-  DDP's average of the shards' updates is the whole batch's, as for backprop (tested).
+  DDP's average of the shards' updates is the whole batch's, as for backprop (tested). With
+  ``weight_mirroring`` each rank draws its own mirror noise, and DDP's ``broadcast_buffers=True`` (its default)
+  gives every rank rank 0's mirror matrices at the next forward (not tested under DDP).
 * ``dkp`` and ``fdfa``: their feedback learns in the backward from sums over the batch (``e^T h``; the
   Jacobian estimate ``t^T u / N``); under DDP each step averages them over the ranks with one ``all_reduce``
   (:func:`reduce_tensors` over :func:`feedback_group`), so the feedback is bit-identical on every rank and

@@ -226,9 +226,11 @@ def _retarget(root: nn.Module, state, name: str, tensor: torch.Tensor, guessed: 
     if dim != state.output_dim:  # rebuilt as convert(output_layer=name) would have built it
         generator = feedback_generator(cfg.seed) if cfg.seed is not None else None
         for layer_name in state.layer_names:
-            root.get_submodule(layer_name).setup_feedback(
+            layer = root.get_submodule(layer_name)
+            layer.setup_feedback(
                 output_dim=dim, init=cfg.init, scale=cfg.scale, generator=generator, conv_error=cfg.conv_error,
                 conv_feedback=cfg.conv_feedback, input_size=None)
+            layer.mode_spec.rule.prepare(layer, generator)
         state.bank.clear()
     for m in root.modules():
         remove_hooks(m, (output_hook, input_tap_hook))

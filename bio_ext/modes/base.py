@@ -157,6 +157,11 @@ class FeedbackRule:
     def effective(self, layer) -> torch.Tensor:
         return layer.feedback
 
+    def prepare(self, layer, generator: Optional[torch.Generator]) -> None:
+        """Called by :func:`bio_ext.convert` once per converted layer, after :meth:`create`'s buffers are
+        installed and ``layer.mode_options`` is set: a rule registers here the buffers that depend on its
+        options (PEPITA's weight-mirroring matrices). A no-op here."""
+
     def probe_options(self, options: Mapping[str, Any]) -> Dict[str, Any]:
         """The options for a pass that measures the mode without changing its state (:func:`bio_ext.alignment`)."""
         return dict(options)

@@ -1,9 +1,26 @@
 """DKP, Direct Kolen-Pollack: DFA whose feedback matrices learn, each with the update its forward counterpart would get.
 
-Paper: Webster, Choi & Ahn, "Learning the connections in direct feedback alignment" (2020). The rule below is
-the one the FDFA authors' code ships as ``DKP`` (Bacho & Chu 2024, ``Florian-BACHO/FDFA``: the feedback's
-gradient is the output error times the activity where the feedback is injected); the paper's own equations
-were not available to check it against here.
+Paper: Webster, Choi & Ahn, "Learning the connections in direct feedback alignment" (ICLR 2021 submission,
+OpenReview ``zgGmAx9ZcY``). The stored copies of the paper that could be read here hold its first page only
+(the abstract and the start of the introduction), so its equations and their numbers could not be checked. The
+rule was checked instead against the first author's own code, ``webstah/dkp-gist`` ("Direct Kolen Pollack",
+CIFAR-10 and AlexNet/CIFAR-100), and it is the rule below:
+
+* its README states the update as ``grad B_l = -delta_k^T . a_{l-1}``, where ``delta_k = error * f'(a_k)`` is the
+  learning signal at the output and ``a_{l-1}`` the output of layer ``l - 1``, the tensor at which ``B_l``'s
+  projection ``delta_k . B_l`` is injected (the sign is that of an ``error = target - output`` convention);
+* its code (``utils/gradfunctions.py``, ``DFAHookFunction.backward``) computes that gradient as
+  ``grad_at_output^T . layer_out``: the loss gradient at the output (``e`` here) times the hooked activity, the
+  hidden layer's output after its activation (``h_l`` here), and hands it to an optimiser of the ``B_l`` with
+  L2 weight decay in the gradient: ``e^T h_l + decay B_l``, as below. The FDFA authors' ``DKP`` (Bacho & Chu
+  2024, ``Florian-BACHO/FDFA``) is the same rule.
+
+What differs is the optimiser only (see "the optimiser of B" below): the DKP code steps ``B`` with Adam, lr
+1e-4, weight decay 1e-6 and the rate times 0.8 every epoch (CIFAR-10), or lr 0.01, weight decay 1e-4 and the
+rate divided by 10 every 30 epochs (AlexNet, CIFAR-100); its README calls the backward learning-rate schedule
+"essential". Its injection points are each hidden layer's output after the activation (for a convolution before
+the max-pool that follows it): for a chain of Linear layers the same tensors as the converted layers' inputs
+here; across a pooling or a flatten, bio_ext's point is the next converted layer's input, after them.
 
 The rule. A layer's feedback ``B_l`` (``D x K``) turns the output error ``e`` (``N x D``) into the gradient
 injected at the layer's input, ``e @ B_l``, exactly as in ``dfa``. Kolen-Pollack learning (Kolen & Pollack
@@ -28,8 +45,8 @@ Choices the paper leaves open, as defined here:
   ``B_l`` as it was at the forward, as in Kolen-Pollack, where both matrices step together from the same
   signals (the FDFA code computes ``e @ B`` with the current ``B`` and lets an optimizer step it after);
 * **the optimiser of B**: plain SGD at ``feedback_lr`` with L2 decay ``feedback_decay`` in the
-  step (the FDFA code steps ``B`` with Adam, lr 1e-4, weight decay 1e-6 recommended: Adam's
-  per-entry normalisation is not reproduced; the defaults below were chosen for plain SGD);
+  step (the DKP and FDFA codes step ``B`` with Adam, lr 1e-4, weight decay 1e-6: Adam's per-entry
+  normalisation and the DKP code's schedule are not reproduced; the defaults below were chosen for plain SGD);
 * **where the activity is taken**: the converted layer's input, the injection point (with tokens, one row
   per token when the error has one row per token, summed over the tokens of an example when it has one row
   per example);
