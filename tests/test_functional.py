@@ -54,3 +54,74 @@ def test_targets_come_back_from_a_cross_entropy_error_and_other_losses_are_refus
     assert targets_from_error(torch.zeros(1, 4), "t", "fix").tolist() == [-100]
     with pytest.raises(FeedbackSignalError, match="fix"):
         targets_from_error(torch.ones(2, 4), "t", "fix")
+
+
+# --------------------------------------------------------------------------- GrAPE's cosine in closed form
+
+
+def _grape_layer(shape):
+    """A converted layer (the second of a small model) in float64, a (padded) input it sees and what it
+    registers; ``shape`` is "linear", "tokens" (a Linear on 3 positions per example) or a conv feedback shape
+    ("kernel", "kernel_strided": stride 2, padding 1, dilation 2, "dense", "factored")."""
+    import torch.nn as nn
+
+    import bio_ext
+    torch.manual_seed(0)
+    n = 5
+    if shape in ("linear", "tokens"):
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+        conv = bio_ext.convert(model, "grape", seed=0)
+        x = torch.randn(n, 3, 6, dtype=torch.float64) if shape == "tokens" else torch.randn(n, 6, dtype=torch.float64)
+        return conv[2], x.requires_grad_(True), None
+    geom = {"stride": 2, "padding": 1, "dilation": 2} if shape == "kernel_strided" else {}
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Conv2d(3, 4, 3, **geom), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.zeros(1, 2, 9, 9))
+    conv_feedback = "kernel" if shape.startswith("kernel") else shape
+    conv = bio_ext.convert(model.double(), "grape", seed=0, conv_feedback=conv_feedback, input_shape=(2, 9, 9))
+    layer = conv[2]
+    x = torch.randn(n, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+    return layer, x, layer.projection_info(x)
+
+
+@pytest.mark.parametrize("shape", ["linear", "tokens", "kernel", "kernel_strided", "dense", "factored"])
+@pytest.mark.parametrize("weighted", [True, False], ids=["d_u", "formed"])
+def test_grape_closed_form_cosine_and_gradient_equal_autograd_in_float64(shape, weighted):
+    """GrAPE's step differentiates the mini-batch cosine between ``P = project_error(e, B)`` and the estimate
+    ``R = diag(d) u`` in closed form (bio_ext.functional.cosine_statistics): it equals autograd through the
+    layer's own projection, for a Linear and every Conv2d feedback shape (kernel: also strided, padded,
+    dilated), with the estimate as its factors (``d``, ``u``) or formed, and with several positions per
+    example (tokens: their sum is compared)."""
+    from bio_ext.modes.grape import cosine_gradient, projection_kind
+    layer, x, info = _grape_layer(shape)
+    assert projection_kind(layer, info) == {"linear": "flat", "tokens": "flat", "dense": "flat"}.get(
+        shape, "factored" if shape == "factored" else "kernel")
+    n = x.shape[0]
+    e = torch.randn(n, 3, dtype=torch.float64) * 1e-3
+    u = torch.randn(n, x[0].numel(), dtype=torch.float64)
+    d = torch.randn(n, dtype=torch.float64) * 1e4
+    b = layer.feedback.detach().clone().requires_grad_(True)
+    p = layer.project_error(e, b, info).reshape(n, -1)
+    r = (u * d[:, None]).reshape(n, -1, p.shape[1]).sum(1)
+    cos = (p * r).sum() / (p.norm() * r.norm())
+    (grad,) = torch.autograd.grad(cos, b)
+    got_cos, got_grad, ok, compared = cosine_gradient(layer, e, u, info, d) if weighted else \
+        cosine_gradient(layer, e, u * d[:, None], info)
+    torch.testing.assert_close(got_cos, cos.detach(), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(got_grad, grad, rtol=1e-9, atol=1e-12)
+    assert bool(ok) and got_grad.shape == layer.feedback.shape
+    torch.testing.assert_close(compared * d[:, None] if weighted else compared, r)
+
+
+@pytest.mark.parametrize("poison", ["e_nan", "e_inf", "d_nan", "d_inf", "u_nan", "u_inf"])
+def test_grape_closed_form_flags_any_non_finite_input(poison):
+    """One check of the closed form's gradient and cosine catches a NaN or inf anywhere in its inputs."""
+    from bio_ext.modes.grape import cosine_gradient
+    for shape in ("linear", "kernel", "factored"):
+        layer, x, info = _grape_layer(shape)
+        n = x.shape[0]
+        e, u, d = torch.randn(n, 3, dtype=torch.float64), torch.randn(n, x[0].numel(), dtype=torch.float64), \
+            torch.randn(n, dtype=torch.float64)
+        t = {"e": e, "d": d, "u": u}[poison[0]]
+        t.view(-1)[1] = float(poison.split("_")[1])
+        assert not bool(cosine_gradient(layer, e, u, info, d)[2]), (shape, poison)
+        assert not bool(cosine_gradient(layer, e, u * d[:, None], info)[2]), (shape, poison)

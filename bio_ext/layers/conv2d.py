@@ -287,6 +287,15 @@ class FeedbackConv2d(FeedbackLayer):
         fn = Conv2dDirectJvpFn if self.mode_spec.rule.forward_gradient else Conv2dDirectFn
         return fn.apply(xp, w, b, session, slot, *geom, spread)
 
+    def projection_kind(self, info=None) -> Optional[str]:
+        if type(self).project_error is not FeedbackConv2d.project_error:
+            return None
+        if self.conv_feedback == "kernel":
+            return "kernel" if isinstance(info, tuple) and len(info) == 6 else None
+        if self.conv_feedback == "dense":
+            return "flat"
+        return "factored" if isinstance(info, tuple) and info and info[0] == "factored" else None
+
     def project_error(self, e: torch.Tensor, feedback: torch.Tensor, info=None) -> torch.Tensor:
         if self.conv_feedback == "factored":
             h, w = self.input_size

@@ -195,6 +195,7 @@ import torch.nn as nn
 from .. import distributed
 from .._utils import rng
 from ..errors import FeedbackSignalError, Problem
+from ..functional import cosine_statistics, project_flat, projection_width
 from ..session import FeedbackSession, activate, reset
 from . import levels
 from .base import register_mode
@@ -474,13 +475,23 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             opts = {**DEFAULTS, **layer.mode_options}
             pairs = [(us[slot], t) for us, t in tangents
                      if slot < len(us) and us[slot] is not None and us[slot].shape == u.shape]
-            g = None
+            sync = fwd.group is not None and opts["feedback_lr"] != 0
+            g = weights = None
             if opts["feedback_target"] == "gradient" or opts["keep_estimate"]:
                 if directions is None:
                     directions = {id(t): per_example(t) for _, t in tangents}
-                shape = (ex,) + (1,) * (u.dim() - 1)
-                terms = [(uk.to(wide) * directions[id(t)].reshape(shape)).reshape(n, -1) for uk, t in pairs]
-                g = terms[0] if len(terms) == 1 else torch.stack(terms).mean(0)
+                if len(pairs) == 1 and opts["feedback_target"] == "gradient" and not sync:
+                    # one direction: the estimate d_n u_n is kept as its factors (the per-row d and u), and the
+                    # step never forms it (see step())
+                    uk, t = pairs[0]
+                    weights = directions[id(t)]
+                    if n != ex:  # several rows (tokens) per example: each row has its example's d
+                        weights = weights.repeat_interleave(n // ex)
+                    g = uk.to(wide).reshape(n, -1)
+                else:
+                    shape = (ex,) + (1,) * (u.dim() - 1)
+                    terms = [(uk.to(wide) * directions[id(t)].reshape(shape)).reshape(n, -1) for uk, t in pairs]
+                    g = terms[0] if len(terms) == 1 else torch.stack(terms).mean(0)
             if opts["feedback_target"] == "jacobian":
                 # B against the output's Jacobian: each direction's output tangent t = J u, projected
                 # through B as the error is, is compared with the perturbation u itself (E[t u^T] = J)
@@ -489,42 +500,37 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
                         opts, g)
             else:
                 call = (layer, e, g, session.infos[slot], opts, None)
-            if fwd.group is not None and opts["feedback_lr"] != 0:
+            if sync:
                 synced.append(call)
             else:
-                self.step(*call[:5], estimate=call[5])
+                self.step(*call[:5], estimate=call[5], weights=weights)
         if synced:
             self.step_synced(synced, fwd.group)
 
     @staticmethod
-    def step(layer, e: torch.Tensor, g: torch.Tensor, info, opts, estimate: Optional[torch.Tensor] = None) -> None:
+    def step(layer, e: torch.Tensor, g: torch.Tensor, info, opts, estimate: Optional[torch.Tensor] = None,
+             weights: Optional[torch.Tensor] = None) -> None:
         """Turn ``layer.feedback`` up the gradient of the mini-batch cosine between ``e`` projected through
         it and ``g`` (the error and the gradient estimate, or the output tangent and the perturbation);
+        ``weights`` (one per row): the estimate is ``weights[:, None] * g`` (GrAPE's ``d_n u_n``, never formed);
         ``estimate`` is what ``keep_estimate`` keeps when ``g`` is not the gradient estimate."""
         fb = layer.feedback
         # in the wider of the error's and the feedback's dtypes, autocast off: under mixed precision the error
         # is bf16/fp16, the feedback (and its step) stays in its own dtype
         dtype = torch.promote_types(e.dtype, fb.dtype)
         e, g = e.to(dtype), g.to(dtype)
-        with torch.enable_grad(), torch.autocast(e.device.type, enabled=False):
-            b = fb.detach().to(dtype).requires_grad_(True)
-            p = layer.project_error(e.detach(), b, info)
-            width = p[0].numel()
-            if width != g.shape[1]:
-                # one error row per example but several positions (tokens) per example at this layer: the
-                # projection is spread evenly over them, so the best it can align with is their sum
-                g = g.reshape(g.shape[0], -1, width).sum(1)
-            cos = batch_cosine(p, g)
-            (grad,) = torch.autograd.grad(cos, b)
-        with torch.no_grad():
-            layer.grape_cos = cos.detach()
+        weights = None if weights is None else weights.to(dtype)
+        with torch.no_grad(), torch.autocast(e.device.type, enabled=False):
+            cos, grad, ok, g = cosine_gradient(layer, e.detach(), g, info, weights)
+            layer.grape_cos = cos
             if opts["keep_estimate"]:
-                layer.forward_gradient = (g if estimate is None else estimate).detach()
+                if estimate is None:
+                    estimate = g if weights is None else g * weights[:, None]
+                layer.forward_gradient = estimate.detach()
             lr, mom, half = opts["feedback_lr"], opts["momentum"], opts["feedback_lr_halflife"]
             if lr == 0:
                 return
-            apply_step(layer, fb, grad, finite(e, g, grad), lr, mom, half)
-
+            apply_step(layer, fb, grad, ok, lr, mom, half)
 
     @staticmethod
     def step_synced(calls, group) -> None:
@@ -556,6 +562,65 @@ def in_checkpoint() -> bool:
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     hooks = top(False) if top is not None else None
     return bool(hooks) and getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook.")
+
+
+def projection_kind(layer, info) -> Optional[str]:
+    """The closed form of :func:`bio_ext.functional.cosine_statistics` that fits ``layer``'s projection (a
+    converted layer's ``projection_kind``; a feedback point's ``e @ B``), None: none (autograd)."""
+    kind = getattr(layer, "projection_kind", None)
+    if kind is not None:
+        return kind(info)
+    return "flat" if getattr(type(layer), "project_error", None) is project_flat else None
+
+
+def cosine_gradient(layer, e: torch.Tensor, g: torch.Tensor, info, weights: Optional[torch.Tensor] = None):
+    """The mini-batch cosine between ``P = layer.project_error(e, B)`` and the estimate ``R`` (``g``, or
+    ``weights[:, None] * g``), its gradient with respect to ``B = layer.feedback``, whether the step may use it
+    (every input and the gradient finite), and ``g`` as compared (several rows per projection row summed).
+
+    Computed as :func:`batch_cosine` defines it: each side is divided by its largest magnitude first (here
+    ``e``, and ``weights`` or ``g``, which scale ``P`` and ``R``), so float32 does not overflow. For the layers
+    with a closed form (Linear, Conv2d of every feedback shape, feedback points) the gradient is
+    ``grad<P,R> / (||P|| ||R||) - cos grad||P||^2 / (2 ||P||^2)`` with the parts of
+    :func:`bio_ext.functional.cosine_statistics`: nothing of ``P``'s size is formed, and ``R`` is not formed
+    either when it comes as ``weights`` and ``g``. Other layers: autograd through ``project_error``.
+    Non-finite values in ``e``, ``weights`` or ``g`` reach every entry of the gradient (the sums of the closed
+    form mix every row, and NaN or inf times anything, zero included, is not finite), so one check of the
+    gradient and the cosine covers them all."""
+    fb = layer.feedback
+    dtype = e.dtype
+    tiny = torch.finfo(dtype).tiny
+    kind = projection_kind(layer, info)
+    if kind is None:
+        if weights is not None:
+            g = g * weights[:, None]
+        with torch.enable_grad():
+            b = fb.detach().to(dtype).requires_grad_(True)
+            p = layer.project_error(e, b, info)
+            width = p[0].numel()
+            if width != g.shape[1]:
+                # one error row per example but several positions (tokens) per example at this layer: the
+                # projection is spread evenly over them, so the best it can align with is their sum
+                g = g.reshape(g.shape[0], -1, width).sum(1)
+            cos = batch_cosine(p, g)
+            (grad,) = torch.autograd.grad(cos, b)
+        return cos.detach(), grad, finite(e, g, grad), g
+    width = projection_width(kind, fb, info)
+    if width != g.shape[1]:  # several positions (tokens) per example: their sum, as above
+        g = g.reshape(g.shape[0], -1, width).sum(1)
+    es = e / e.abs().amax().clamp_min(tiny)
+    if weights is None:
+        rs, er = g / g.abs().amax().clamp_min(tiny), es
+        gg = rs.reshape(-1).dot(rs.reshape(-1))
+    else:
+        ws = weights / weights.abs().amax().clamp_min(tiny)
+        rs, er = g, es * ws[:, None]
+        gg = (torch.linalg.vector_norm(g, dim=1).square() * ws.square()).sum()
+    pg, pp, grad_pg, grad_pp = cosine_statistics(kind, es, er, rs, fb.detach(), info)
+    norm = (pp.sqrt() * gg.sqrt()).clamp_min(tiny)
+    cos = pg / norm
+    grad = grad_pg / norm - grad_pp * (cos / (2 * pp).clamp_min(tiny))
+    return cos, grad.to(fb.dtype), torch.isfinite(grad).all() & torch.isfinite(cos), g
 
 
 def finite(*tensors: torch.Tensor) -> torch.Tensor:
