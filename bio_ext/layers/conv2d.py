@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import Function
@@ -284,8 +285,12 @@ class FeedbackConv2d(FeedbackLayer):
         spread = self.projection_info(xp)
         slot, xp = self._direct_slot(session, xp, spread)
         xp, w, b = autocast_inputs(xp, self.weight, self.bias)
-        fn = Conv2dDirectJvpFn if self.mode_spec.rule.forward_gradient else Conv2dDirectFn
-        return fn.apply(xp, w, b, session, slot, *geom, spread)
+        if self.mode_spec.rule.forward_gradient:
+            xp, tangent = fwAD.unpack_dual(xp)
+            out = Conv2dDirectFn.apply(xp, w, b, session, slot, *geom, spread)
+            # the tangent computed here rather than by Conv2dDirectJvpFn's jvp (see FeedbackLinear.forward)
+            return out if tangent is None else fwAD.make_dual(out, F.conv2d(tangent, w.detach(), None, *geom))
+        return Conv2dDirectFn.apply(xp, w, b, session, slot, *geom, spread)
 
     def projection_kind(self, info=None) -> Optional[str]:
         if type(self).project_error is not FeedbackConv2d.project_error:

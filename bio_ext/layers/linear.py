@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import Function
@@ -144,8 +145,14 @@ class FeedbackLinear(FeedbackLayer):
             return linear(x, self.weight, self.bias, self.transposed)  # Conv1D: exactly transformers' forward
         slot, x = self._direct_slot(session, x)
         x, w, b = autocast_inputs(x, self.weight, self.bias)
-        fn = LinearDirectJvpFn if self.mode_spec.rule.forward_gradient else LinearDirectFn
-        return fn.apply(x, w, b, session, slot, self.transposed)
+        if self.mode_spec.rule.forward_gradient:
+            x, tangent = fwAD.unpack_dual(x)
+            out = LinearDirectFn.apply(x, w, b, session, slot, self.transposed)
+            # the forward-mode tangent of the layer (the weights carry none: activity perturbation), computed here
+            # rather than by LinearDirectJvpFn's jvp: forward AD would materialise zero tangents for the weight
+            # and bias of every layer it runs through
+            return out if tangent is None else fwAD.make_dual(out, linear(tangent, w.detach(), None, self.transposed))
+        return LinearDirectFn.apply(x, w, b, session, slot, self.transposed)
 
 
 @register_layer(nn.Linear, output_size=lambda m: m.out_features)
