@@ -264,7 +264,8 @@ def adjoint_spread(r: torch.Tensor, spread: Tuple) -> torch.Tensor:
 
 
 def cosine_statistics(kind: str, e: torch.Tensor, er: torch.Tensor, r: torch.Tensor, feedback: torch.Tensor,
-                      info=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      info=None, gram: Optional[torch.Tensor] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``<P, R>``, ``||P||^2`` and their gradients with respect to the feedback ``B``, in closed form, for the
     projection ``P = project(e, B)`` of a layer of ``kind`` (``"flat"``: ``e @ B.reshape(D, -1)``, a Linear's and
     a dense convolution's; ``"kernel"``: :func:`spread_projection` of it, ``info`` the spread; ``"factored"``:
@@ -278,11 +279,11 @@ def cosine_statistics(kind: str, e: torch.Tensor, er: torch.Tensor, r: torch.Ten
     factored shape ``B = [Bc | Bs]``, ``<P, R> = sum_d Bc_d^T M_d Bs_d`` with ``M = er^T r`` as ``(D, C, H W)`` and
     ``||P||^2 = sum(G * (Bc Bc^T) * (Bs Bs^T))``. Returns ``(pg, pp, grad_pg, grad_pp)``, the gradients in
     ``feedback``'s shape; the gradients of ``autograd`` through the projection, in float64 to rounding
-    (tests/test_functional.py).
+    (tests/test_functional.py). ``gram``: ``e^T e`` when the caller has it.
     """
     d = feedback.shape[0]
     b = feedback.reshape(d, -1).to(e.dtype)
-    gram = e.t().mm(e)  # (D, D)
+    gram = e.t().mm(e) if gram is None else gram  # (D, D)
     if kind == "factored":
         channels = info[1]
         bc, bs = b[:, :channels], b[:, channels:]

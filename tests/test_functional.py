@@ -125,3 +125,26 @@ def test_grape_closed_form_flags_any_non_finite_input(poison):
         t.view(-1)[1] = float(poison.split("_")[1])
         assert not bool(cosine_gradient(layer, e, u, info, d)[2]), (shape, poison)
         assert not bool(cosine_gradient(layer, e, u * d[:, None], info)[2]), (shape, poison)
+
+
+def test_large_cpu_normal_draws_split_over_two_generators_stay_standard_normal_and_reproducible():
+    """GrAPE's perturbations (bio_ext._utils.rng.normal): a large CPU draw takes its first half from the first
+    generator (as torch.randn would) and its second half from the second, in a worker thread; the same seeds
+    give the same draws, and the two halves are independent standard normals."""
+    from bio_ext._utils import rng
+
+    def draw(shape):
+        return rng.normal(shape, torch.float32, "cpu", torch.Generator().manual_seed(3),
+                          torch.Generator().manual_seed(rng.derived_seed(3)))
+    shape = (300, 1000)
+    a, b = draw(shape), draw(shape)
+    assert torch.equal(a, b)
+    flat, half = a.reshape(-1), a.numel() // 2
+    if torch.get_num_threads() > 1:
+        assert torch.equal(flat[:half], torch.randn(half, generator=torch.Generator().manual_seed(3)))
+        assert not torch.equal(flat[:half], flat[half:])
+    for part in (flat[:half], flat[half:]):
+        assert abs(part.mean().item()) < 0.01 and abs(part.std().item() - 1) < 0.01
+    assert abs(torch.corrcoef(torch.stack([flat[:half], flat[half:]]))[0, 1].item()) < 0.01
+    small = draw((10, 10))  # below the threshold: torch.randn from the first generator
+    assert torch.equal(small, torch.randn(10, 10, generator=torch.Generator().manual_seed(3)))

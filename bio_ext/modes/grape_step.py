@@ -34,7 +34,30 @@ def projection_kind(layer, info) -> Optional[str]:
     return "flat" if getattr(type(layer), "project_error", None) is project_flat else None
 
 
-def cosine_gradient(layer, e: torch.Tensor, g: torch.Tensor, info, weights: Optional[torch.Tensor] = None):
+def scaled_error(e: torch.Tensor, weights: Optional[torch.Tensor], shared: dict):
+    """``e`` divided by its largest magnitude, its Gram matrix ``es^T es``, ``diag(ws) es`` and ``ws`` (the row
+    weights divided by their largest magnitude; ``es`` and None without weights): the same for every layer of
+    one step, so computed once and kept in ``shared`` (keyed by the tensors, which it holds)."""
+    key = (id(e), e.dtype, None if weights is None else id(weights))
+    hit = shared.get(key)
+    if hit is None:
+        tiny = torch.finfo(e.dtype).tiny
+        base = shared.get((id(e), e.dtype))
+        if base is None:
+            es = e / e.abs().amax().clamp_min(tiny)
+            base = shared[(id(e), e.dtype)] = (e, es, es.t().mm(es))
+        _, es, gram = base
+        if weights is None:
+            hit = (es, gram, es, None, e)
+        else:
+            ws = weights / weights.abs().amax().clamp_min(tiny)
+            hit = (es, gram, es * ws[:, None], ws, weights)
+        shared[key] = hit
+    return hit[:4]
+
+
+def cosine_gradient(layer, e: torch.Tensor, g: torch.Tensor, info, weights: Optional[torch.Tensor] = None,
+                    shared: Optional[dict] = None):
     """The mini-batch cosine between ``P = layer.project_error(e, B)`` and the estimate ``R`` (``g``, or
     ``weights[:, None] * g``), its gradient with respect to ``B = layer.feedback``, whether the step may use it
     (every input and the gradient finite), and ``g`` as compared (several rows per projection row summed).
@@ -47,7 +70,8 @@ def cosine_gradient(layer, e: torch.Tensor, g: torch.Tensor, info, weights: Opti
     either when it comes as ``weights`` and ``g``. Other layers: autograd through ``project_error``.
     Non-finite values in ``e``, ``weights`` or ``g`` reach every entry of the gradient (the sums of the closed
     form mix every row, and NaN or inf times anything, zero included, is not finite), so one check of the
-    gradient and the cosine covers them all."""
+    gradient and the cosine covers them all. ``shared``: what the layers of one step share (see
+    :func:`scaled_error`)."""
     fb = layer.feedback
     dtype = e.dtype
     tiny = torch.finfo(dtype).tiny
@@ -57,7 +81,7 @@ def cosine_gradient(layer, e: torch.Tensor, g: torch.Tensor, info, weights: Opti
             g = g * weights[:, None]
         with torch.enable_grad():
             b = fb.detach().to(dtype).requires_grad_(True)
-            p = layer.project_error(e, b, info)
+            p = layer.project_error(e.detach(), b, info)
             width = p[0].numel()
             if width != g.shape[1]:
                 # one error row per example but several positions (tokens) per example at this layer: the
@@ -69,15 +93,15 @@ def cosine_gradient(layer, e: torch.Tensor, g: torch.Tensor, info, weights: Opti
     width = projection_width(kind, fb, info)
     if width != g.shape[1]:  # several positions (tokens) per example: their sum, as above
         g = g.reshape(g.shape[0], -1, width).sum(1)
-    es = e / e.abs().amax().clamp_min(tiny)
+    shared = {} if shared is None else shared
+    es, gram, er, ws = scaled_error(e, weights, shared)
     if weights is None:
-        rs, er = g / g.abs().amax().clamp_min(tiny), es
+        rs = g / g.abs().amax().clamp_min(tiny)
         gg = rs.reshape(-1).dot(rs.reshape(-1))
     else:
-        ws = weights / weights.abs().amax().clamp_min(tiny)
-        rs, er = g, es * ws[:, None]
-        gg = (torch.linalg.vector_norm(g, dim=1).square() * ws.square()).sum()
-    pg, pp, grad_pg, grad_pp = cosine_statistics(kind, es, er, rs, fb.detach(), info)
+        rs = g
+        gg = torch.linalg.vector_norm(g, dim=1).square().dot(ws.square())
+    pg, pp, grad_pg, grad_pp = cosine_statistics(kind, es, er, rs, fb.detach(), info, gram=gram)
     norm = (pp.sqrt() * gg.sqrt()).clamp_min(tiny)
     cos = pg / norm
     grad = grad_pg / norm - grad_pp * (cos / (2 * pp).clamp_min(tiny))
