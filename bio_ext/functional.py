@@ -93,11 +93,18 @@ def spread_projection(p: torch.Tensor, spread: Tuple) -> torch.Tensor:
     kernel-shaped feedback (``p = e @ B.reshape(D, -1)``), in two small matmuls.
     """
     channels, kh, kw, my, mx, scale = spread
-    p4 = p.reshape(p.shape[0], channels, kh, kw)
-    out = torch.matmul(my.t().to(p.dtype), torch.matmul(p4, mx.to(p.dtype)))  # (H, kh) @ (N, C, kh, W)
+    n, h, w = p.shape[0], my.shape[1], mx.shape[1]
+    # one product with the (kh kw, H W) matrix my (x) mx: many tiny (kh, W) products in a bmm are slow
+    out = p.reshape(n * channels, kh * kw).mm(spread_matrix(spread, p.dtype)).reshape(n, channels, h, w)
     if scale != 1.0:
         out = out * scale
     return out
+
+
+def spread_matrix(spread: Tuple, dtype: torch.dtype) -> torch.Tensor:
+    """``K[(i, j), (h, w)] = my[i, h] mx[j, w]`` (``kron(my, mx)``, ``(kh kw, H W)``) of a kernel-shaped spread: the
+    spread of one channel's taps onto the grid is ``taps @ K`` (:func:`spread_projection`)."""
+    return torch.kron(spread[3].to(dtype), spread[4].to(dtype))
 
 
 def conv_padding(module) -> Tuple[Optional[Tuple[int, int, int, int]], str, Tuple[int, int]]:
@@ -253,11 +260,10 @@ PROJECTION_KINDS = ("flat", "kernel", "factored")
 
 def adjoint_spread(r: torch.Tensor, spread: Tuple) -> torch.Tensor:
     """The adjoint of :func:`spread_projection`: a ``(N, C, H, W)`` tensor (any ``(N, C*H*W)`` view) onto the
-    per-tap space ``(N, C*kh*kw)``, ``scale * my @ r[n, c] @ mx^T``."""
+    per-tap space ``(N, C*kh*kw)``, ``scale * my @ r[n, c] @ mx^T`` (``r[n, c] @ K^T`` flattened)."""
     channels, kh, kw, my, mx, scale = spread
     n = r.shape[0]
-    r4 = r.reshape(n, channels, my.shape[1], mx.shape[1])
-    out = torch.matmul(my.to(r.dtype), torch.matmul(r4, mx.t().to(r.dtype)))  # (kh, H) @ (N, C, H, kw)
+    out = r.reshape(n * channels, -1).mm(spread_matrix(spread, r.dtype).t())
     if scale != 1.0:
         out = out * scale
     return out.reshape(n, -1)
@@ -298,9 +304,8 @@ def cosine_statistics(kind: str, e: torch.Tensor, er: torch.Tensor, r: torch.Ten
     if kind == "kernel":
         channels, kh, kw, my, mx, scale = info
         m = er.t().mm(adjoint_spread(r, info))  # (D, C kh kw)
-        my, mx = my.to(e.dtype), mx.to(e.dtype)
-        gram_y, gram_x = my.mm(my.t()), mx.mm(mx.t())  # (kh, kh), (kw, kw)
-        bsb = torch.matmul(gram_y, torch.matmul(b.reshape(d, channels, kh, kw), gram_x)).reshape(d, -1)
+        k = spread_matrix(info, e.dtype)
+        bsb = b.reshape(d * channels, kh * kw).mm(k.mm(k.t())).reshape(d, -1)  # S's Gram: (kh kw, kh kw)
         gbs = gram.mm(bsb) * (scale * scale)
     elif kind == "flat":
         m = er.t().mm(r.reshape(r.shape[0], -1))
