@@ -72,10 +72,12 @@ def normal(shape, dtype: torch.dtype, device, generator: torch.Generator,
     with ``second`` and at least :data:`PARALLEL_DRAW` numbers (and more than one torch thread), the first half
     comes from ``generator`` and the second from ``second`` in a worker thread at the same time, in half the
     time. The same generators give the same draws."""
+    n = 1
+    for s in shape:
+        n *= s
+    if second is None or torch.device(device).type != "cpu" or n < PARALLEL_DRAW or torch.get_num_threads() < 2:
+        return torch.randn(shape, dtype=dtype, device=device, generator=generator)
     out = torch.empty(shape, dtype=dtype, device=device)
-    n = out.numel()
-    if second is None or out.device.type != "cpu" or n < PARALLEL_DRAW or torch.get_num_threads() < 2:
-        return out.normal_(generator=generator)
     flat, half = out.view(-1), n // 2
     pending = _worker().submit(flat[half:].normal_, generator=second)
     flat[:half].normal_(generator=generator)

@@ -38,6 +38,12 @@ One step, inside the user's ordinary ``model(x)`` / ``loss.backward()``:
        B   <- B + lr * ||B||^2 * v
        B   <- B * (||B_0|| / ||B||)          # norm kept constant (as the paper does)
 
+   The gradient is computed in closed form for Linear and Conv2d layers (every feedback shape) and
+   feedback points (:func:`~bio_ext.modes.grape_step.cosine_gradient`): ``cos = <P, g> / (||P|| ||g||)``
+   with ``<P, g> = <B, e^T (d u)>`` and ``||P||^2 = <B, (e^T e) B>`` (through the convolution's spread
+   where it has one), so neither ``P`` nor ``g`` is formed; other layers differentiate ``project_error``
+   with autograd. Equal to autograd in float64 (tests/test_functional.py).
+
    Because ``cos`` does not depend on ``||B||``, ``||B|| grad_B cos`` is
    dimensionless and ``lr`` is roughly the angle (radians) ``B`` turns per step.
    ``momentum`` is the moving average of the update over steps, the paper's
@@ -156,7 +162,8 @@ between its projected error and its forward-gradient estimate, before the update
 **Non-finite batches.** The feedback step runs inside ``backward``, before the user's loop can look
 at the loss, so a loop that skips the optimizer step on a NaN/inf loss (GradScaler-style) cannot
 skip it. The step therefore checks that the error ``e``, the estimate ``g_l`` and the cosine's
-gradient are all finite; when one is not, it leaves every buffer (``feedback``,
+gradient are all finite (in the closed form, one check of the gradient and the cosine: a NaN or inf
+in ``e``, ``d`` or ``u`` reaches every entry of both); when one is not, it leaves every buffer (``feedback``,
 ``feedback_velocity``, ``feedback_steps``) as it was and adds 1 to ``layer.feedback_skips``
 (a 0-d long buffer, kept out of ``state_dict``: a diagnostic count since the model was built). The
 check is a ``torch.where`` on a 0-d tensor, so it needs no device sync. The cosine divides each
@@ -199,7 +206,7 @@ from .. import distributed
 from .._utils import rng
 from ..errors import FeedbackSignalError, Problem
 from ..session import FeedbackSession, activate, reset
-from . import levels
+from . import grape_norm, levels
 from .base import register_mode
 from .direct import DirectFeedbackAlignment
 from .grape_step import apply_step, batch_cosine, cosine_gradient, finite, projection_kind  # noqa: F401
@@ -338,6 +345,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
         if directions > 1:
             fwd.replay = (module, args, kwargs, rng.capture(device), directions, device)
         fwd.level, fwd.counted = levels.enter(module, args, kwargs)  # may refuse: before anything is entered
+        grape_norm.hook_norms(module)  # BatchNorm's tangent in a few fused passes (modes/grape_norm.py)
         from torch.nn.attention import SDPBackend, sdpa_kernel
         fwd.sdpa = sdpa_kernel([SDPBackend.MATH])
         fwd.sdpa.__enter__()

@@ -1,0 +1,87 @@
+"""The forward-mode tangent of BatchNorm under GrAPE, in a few fused passes.
+
+PyTorch's forward AD runs BatchNorm's tangent formula as some twenty elementwise kernels over the activations
+(most of the extra cost of a GrAPE forward through a ResNet). For ``nn.BatchNorm1d/2d/3d`` (exactly those classes:
+``SyncBatchNorm``'s statistics span the ranks) the converted model's GrAPE forward takes the tangent off the
+input (a forward pre-hook), lets the module run on the primal and gives its output the exact tangent (a forward
+hook). With the batch statistics (training, or no running statistics), ``y = g (x - m) / s + b`` over every
+dimension but the channels (``s = sqrt(var + eps)``, biased variance), the tangent is::
+
+    t_y = (g / s) (t - mean(t) - xh mean(t xh)),     xh = (x - m) / s
+
+computed as ``a t + c (x - m) + d`` with per-channel ``a, c, d``; with the running statistics it is
+``t g / sqrt(running_var + eps)``. The hooks act only inside a GrAPE forward (a current session whose rule
+carries tangents), when the input carries a tangent and the module's own parameters carry none.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn as nn
+
+from ..session import current_session
+
+#: the classes whose forward is exactly F.batch_norm of their buffers (subclasses may do anything)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_HOOKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+_TANGENT = "_bio_ext_grape_tangent"
+
+
+def hook_norms(root: nn.Module) -> None:
+    """Give every BatchNorm of ``root`` the two hooks (once per module)."""
+    for m in root.modules():
+        if type(m) in NORMS and m not in _HOOKED:
+            m.register_forward_pre_hook(_take_tangent)
+            m.register_forward_hook(_give_tangent)
+            _HOOKED[m] = True
+
+
+def _active(module) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    session = current_session(module)
+    return session is not None and getattr(session.rule, "forward_gradient", False)
+
+
+def _take_tangent(module, args):
+    module.__dict__.pop(_TANGENT, None)  # left by a forward that raised between the hooks
+    if not args or not isinstance(args[0], torch.Tensor) or not _active(module):
+        return None
+    primal, tangent = fwAD.unpack_dual(args[0])
+    if tangent is None or any(fwAD.unpack_dual(p).tangent is not None for p in (module.weight, module.bias)
+                              if p is not None):
+        return None
+    module.__dict__[_TANGENT] = tangent
+    return (primal, *args[1:])
+
+
+def _give_tangent(module, args, output):
+    tangent = module.__dict__.pop(_TANGENT, None)
+    if tangent is None:
+        return None
+    return fwAD.make_dual(output, batch_norm_tangent(module, args[0], tangent).to(output.dtype))
+
+
+def batch_norm_tangent(module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The tangent of ``module(x)`` along ``t`` (``module`` a BatchNorm, as it ran: see the module docstring)."""
+    dtype = torch.promote_types(torch.promote_types(x.dtype, t.dtype), torch.float32)
+    x, t = x.detach().to(dtype), t.to(dtype)
+    shape = [1] * x.dim()
+    shape[1] = x.shape[1]
+    weight = None if module.weight is None else module.weight.detach().to(dtype).reshape(shape)
+    batch_stats = module.training or (module.running_mean is None and module.running_var is None)
+    if not batch_stats:
+        a = (module.running_var.to(dtype) + module.eps).rsqrt().reshape(shape)
+        return t * (a if weight is None else a * weight)
+    dims = [0] + list(range(2, x.dim()))
+    var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+    inv = (var + module.eps).rsqrt()
+    xc = x - mean
+    mt = t.mean(dims, keepdim=True)
+    m2 = (xc * t).mean(dims, keepdim=True) * inv  # mean(t xh)
+    a = inv if weight is None else inv * weight
+    out = torch.addcmul(-a * mt, a, t)  # a (t - mean(t))
+    return out.addcmul_(-a * m2 * inv, xc)  # - a xh mean(t xh)
