@@ -59,3 +59,14 @@ def test_a_grape_forward_through_batchnorm_carries_torchs_output_tangent(monkeyp
     # the hook ran at the second BatchNorm (the first one's input, after the first layer, carries no tangent)
     assert len(calls) == 1 and tangents[0].abs().max() > 0
     torch.testing.assert_close(tangents[0], tangents[1], rtol=1e-10, atol=1e-12)
+
+
+def test_the_statistics_the_forward_saved_give_the_same_tangent():
+    torch.manual_seed(1)
+    m = nn.BatchNorm2d(3).double()
+    x = (torch.randn(6, 3, 4, 4, dtype=torch.float64) * 2 + 3).requires_grad_(True)
+    t = torch.randn_like(x)
+    stats = grape_norm._saved_stats(m(x))
+    assert stats is not None
+    torch.testing.assert_close(grape_norm.batch_norm_tangent(m, x, t, stats), grape_norm.batch_norm_tangent(m, x, t),
+                               rtol=1e-10, atol=1e-12)

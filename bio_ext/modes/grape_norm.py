@@ -62,11 +62,21 @@ def _give_tangent(module, args, output):
     tangent = module.__dict__.pop(_TANGENT, None)
     if tangent is None:
         return None
-    return fwAD.make_dual(output, batch_norm_tangent(module, args[0], tangent).to(output.dtype))
+    return fwAD.make_dual(output, batch_norm_tangent(module, args[0], tangent, _saved_stats(output)).to(output.dtype))
 
 
-def batch_norm_tangent(module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The tangent of ``module(x)`` along ``t`` (``module`` a BatchNorm, as it ran: see the module docstring)."""
+def _saved_stats(output: torch.Tensor):
+    """The batch mean and inverse standard deviation the forward computed, as its autograd node saved them
+    (training with a graph), or None."""
+    node = output.grad_fn
+    if type(node).__name__ != "NativeBatchNormBackward0" or not getattr(node, "_saved_training", False):
+        return None
+    return node._saved_result1.detach(), node._saved_result2.detach()
+
+
+def batch_norm_tangent(module, x: torch.Tensor, t: torch.Tensor, stats=None) -> torch.Tensor:
+    """The tangent of ``module(x)`` along ``t`` (``module`` a BatchNorm, as it ran: see the module docstring);
+    ``stats``: the batch's ``(mean, 1 / sqrt(var + eps))`` per channel where the forward kept them."""
     dtype = torch.promote_types(torch.promote_types(x.dtype, t.dtype), torch.float32)
     x, t = x.detach().to(dtype), t.to(dtype)
     shape = [1] * x.dim()
@@ -77,8 +87,11 @@ def batch_norm_tangent(module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor
         a = (module.running_var.to(dtype) + module.eps).rsqrt().reshape(shape)
         return t * (a if weight is None else a * weight)
     dims = [0] + list(range(2, x.dim()))
-    var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
-    inv = (var + module.eps).rsqrt()
+    if stats is not None and stats[0].numel() == x.shape[1]:
+        mean, inv = (s.to(dtype).reshape(shape) for s in stats)
+    else:
+        var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+        inv = (var + module.eps).rsqrt()
     xc = x - mean
     mt = t.mean(dims, keepdim=True)
     m2 = (xc * t).mean(dims, keepdim=True) * inv  # mean(t xh)
