@@ -70,3 +70,13 @@ def test_the_statistics_the_forward_saved_give_the_same_tangent():
     assert stats is not None
     torch.testing.assert_close(grape_norm.batch_norm_tangent(m, x, t, stats), grape_norm.batch_norm_tangent(m, x, t),
                                rtol=1e-10, atol=1e-12)
+
+
+def test_revert_takes_the_batchnorm_hooks_off():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    model = bio_ext.convert(net, "grape", seed=0)
+    F.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 3, (8,))).backward()
+    assert model[3]._forward_hooks and model[3]._forward_pre_hooks
+    plain = bio_ext.revert(model)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in plain.modules())

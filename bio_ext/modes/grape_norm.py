@@ -16,27 +16,25 @@ carries tangents), when the input carries a tangent and the module's own paramet
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 
+from .._utils.hooks import hook_function
 from ..session import current_session
 
 #: the classes whose forward is exactly F.batch_norm of their buffers (subclasses may do anything)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_HOOKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 _TANGENT = "_bio_ext_grape_tangent"
 
 
 def hook_norms(root: nn.Module) -> None:
-    """Give every BatchNorm of ``root`` the two hooks (once per module)."""
+    """Give every BatchNorm of ``root`` the two hooks, where it has not got them (``revert`` and
+    ``detach_feedback`` take them off again)."""
     for m in root.modules():
-        if type(m) in NORMS and m not in _HOOKED:
-            m.register_forward_pre_hook(_take_tangent)
-            m.register_forward_hook(_give_tangent)
-            _HOOKED[m] = True
+        if type(m) in NORMS and not any(hook_function(h) is take_tangent for h in m._forward_pre_hooks.values()):
+            m.register_forward_pre_hook(take_tangent)
+            m.register_forward_hook(give_tangent)
 
 
 def _active(module) -> bool:
@@ -46,7 +44,8 @@ def _active(module) -> bool:
     return session is not None and getattr(session.rule, "forward_gradient", False)
 
 
-def _take_tangent(module, args):
+def take_tangent(module, args):
+    """Forward pre-hook: the input's tangent, kept for :func:`give_tangent`; the module runs on the primal."""
     module.__dict__.pop(_TANGENT, None)  # left by a forward that raised between the hooks
     if not args or not isinstance(args[0], torch.Tensor) or not _active(module):
         return None
@@ -58,7 +57,8 @@ def _take_tangent(module, args):
     return (primal, *args[1:])
 
 
-def _give_tangent(module, args, output):
+def give_tangent(module, args, output):
+    """Forward hook: the output with the exact tangent of the one :func:`take_tangent` took."""
     tangent = module.__dict__.pop(_TANGENT, None)
     if tangent is None:
         return None
