@@ -99,7 +99,8 @@ class Conv2dDirectFn(Function):
 
 
 class Conv2dDirectJvpFn(Conv2dDirectFn):
-    """:class:`Conv2dDirectFn` with a ``jvp`` (GrAPE's tangents); the plain one has none, for ``torch.compile``."""
+    """:class:`Conv2dDirectFn` with a ``jvp``, for callers that run it on dual tensors; the plain one has none, for
+    ``torch.compile`` (GrAPE's layers compute the tangent in :meth:`FeedbackConv2d.forward`)."""
 
     @staticmethod
     def jvp(ctx, x_t, w_t, b_t, _session, _slot, _stride, _padding, _dilation, _groups, _spread):

@@ -92,8 +92,9 @@ class LinearDirectFn(Function):
 
 
 class LinearDirectJvpFn(LinearDirectFn):
-    """:class:`LinearDirectFn` with a ``jvp``, for modes that carry forward-mode tangents (GrAPE). The plain one
-    has none, so that ``torch.compile`` can trace it (dynamo refuses Functions with a custom ``jvp``)."""
+    """:class:`LinearDirectFn` with a ``jvp``, for callers that run it on dual tensors. The plain one has none, so
+    that ``torch.compile`` can trace it (dynamo refuses Functions with a custom ``jvp``); GrAPE's layers run the
+    plain one on the primal and compute the tangent in :meth:`FeedbackLinear.forward`."""
 
     @staticmethod
     def jvp(ctx, x_t, w_t, b_t, _session, _slot, _transposed=None):

@@ -9,9 +9,10 @@ One step, inside the user's ordinary ``model(x)`` / ``loss.backward()``:
    forward-mode AD level (``torch.autograd.forward_ad``). Each converted layer
    whose input needs a gradient adds a fresh standard-normal perturbation ``u_l``
    to the tangent of its input, the very tensor at which DFA injects its
-   feedback. Tangents flow through everything in between (ReLU, BatchNorm,
-   residual additions, pooling) by PyTorch's own forward-mode rules, and through
-   the converted layers by their ``jvp``. The output layer's output tangent ``t``
+   feedback. Tangents flow through everything in between (ReLU, residual additions,
+   pooling) by PyTorch's own forward-mode rules, through BatchNorm by the same formula
+   in fewer passes (:mod:`bio_ext.modes.grape_norm`), and through the converted layers
+   by the tangent product each computes in its forward. The output layer's output tangent ``t``
    is kept; the loss itself is computed without tangents. The level is shared
    (:mod:`bio_ext.modes.levels`): GrAPE forwards in several threads run under one level, and
    a forward inside the user's own ``fwAD.dual_level()`` runs under theirs (refused, with a
