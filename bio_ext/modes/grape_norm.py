@@ -38,14 +38,14 @@ def hook_norms(root: nn.Module) -> None:
 
 
 def _active(module) -> bool:
-    if torch.compiler.is_compiling():
-        return False
     session = current_session(module)
     return session is not None and getattr(session.rule, "forward_gradient", False)
 
 
 def take_tangent(module, args):
     """Forward pre-hook: the input's tangent, kept for :func:`give_tangent`; the module runs on the primal."""
+    if torch.compiler.is_compiling():
+        return None
     module.__dict__.pop(_TANGENT, None)  # left by a forward that raised between the hooks
     if not args or not isinstance(args[0], torch.Tensor) or not _active(module):
         return None
@@ -59,7 +59,7 @@ def take_tangent(module, args):
 
 def give_tangent(module, args, output):
     """Forward hook: the output with the exact tangent of the one :func:`take_tangent` took."""
-    tangent = module.__dict__.pop(_TANGENT, None)
+    tangent = None if torch.compiler.is_compiling() else module.__dict__.pop(_TANGENT, None)
     if tangent is None:
         return None
     return fwAD.make_dual(output, batch_norm_tangent(module, args[0], tangent, _saved_stats(output)).to(output.dtype))
