@@ -29,6 +29,7 @@ from .errors import (AlreadyConvertedError, BioExtWarning, ConfigError, Conversi
                      NothingToConvertError,
                      UnsupportedModuleError)
 from .layers.base import FeedbackLayer
+from .modes import grape_norm
 from .modes.base import feedback_generator
 from .registry import (Handler, ModeSpec, expander_for, get_method, get_mode, handler_for, method_for, methods,
                        output_size, qualname)
@@ -536,8 +537,10 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
 
 def _remove_session_hooks(m: nn.Module) -> None:
-    """Take ``convert``'s hooks (first-forward check, session, error tap) and the root-tap mark off ``m``."""
-    remove_hooks(m, (_first_forward_hook, _root_pre_hook, _root_hook, output_hook, input_tap_hook))
+    """Take ``convert``'s hooks (first-forward check, session, error tap, GrAPE's BatchNorm tangent) and the
+    root-tap mark off ``m``."""
+    remove_hooks(m, (_first_forward_hook, _root_pre_hook, _root_hook, output_hook, input_tap_hook,
+                     grape_norm.take_tangent, grape_norm.give_tangent))
     m.__dict__.pop(ROOT_TAP, None)
 
 

@@ -93,11 +93,18 @@ def spread_projection(p: torch.Tensor, spread: Tuple) -> torch.Tensor:
     kernel-shaped feedback (``p = e @ B.reshape(D, -1)``), in two small matmuls.
     """
     channels, kh, kw, my, mx, scale = spread
-    p4 = p.reshape(p.shape[0], channels, kh, kw)
-    out = torch.matmul(my.t().to(p.dtype), torch.matmul(p4, mx.to(p.dtype)))  # (H, kh) @ (N, C, kh, W)
+    n, h, w = p.shape[0], my.shape[1], mx.shape[1]
+    # one product with the (kh kw, H W) matrix my (x) mx: many tiny (kh, W) products in a bmm are slow
+    out = p.reshape(n * channels, kh * kw).mm(spread_matrix(spread, p.dtype)).reshape(n, channels, h, w)
     if scale != 1.0:
         out = out * scale
     return out
+
+
+def spread_matrix(spread: Tuple, dtype: torch.dtype) -> torch.Tensor:
+    """``K[(i, j), (h, w)] = my[i, h] mx[j, w]`` (``kron(my, mx)``, ``(kh kw, H W)``) of a kernel-shaped spread: the
+    spread of one channel's taps onto the grid is ``taps @ K`` (:func:`spread_projection`)."""
+    return torch.kron(spread[3].to(dtype), spread[4].to(dtype))
 
 
 def conv_padding(module) -> Tuple[Optional[Tuple[int, int, int, int]], str, Tuple[int, int]]:
@@ -243,3 +250,76 @@ def tangential(g: torch.Tensor, x: torch.Tensor, lead: int = 1) -> torch.Tensor:
     xx = (x2 * x2).sum(1, keepdim=True)
     coef = (g2 * x2).sum(1, keepdim=True) / xx.clamp_min(torch.finfo(g.dtype).tiny)
     return (g2 - coef * x2).reshape(g.shape)
+
+
+# --------------------------------------------------------------------------- GrAPE's cosine in closed form
+
+#: the projections :func:`cosine_statistics` has a closed form for (a layer's ``projection_kind``)
+PROJECTION_KINDS = ("flat", "kernel", "factored")
+
+
+def adjoint_spread(r: torch.Tensor, spread: Tuple) -> torch.Tensor:
+    """The adjoint of :func:`spread_projection`: a ``(N, C, H, W)`` tensor (any ``(N, C*H*W)`` view) onto the
+    per-tap space ``(N, C*kh*kw)``, ``scale * my @ r[n, c] @ mx^T`` (``r[n, c] @ K^T`` flattened)."""
+    channels, kh, kw, my, mx, scale = spread
+    n = r.shape[0]
+    out = r.reshape(n * channels, -1).mm(spread_matrix(spread, r.dtype).t())
+    if scale != 1.0:
+        out = out * scale
+    return out.reshape(n, -1)
+
+
+def cosine_statistics(kind: str, e: torch.Tensor, er: torch.Tensor, r: torch.Tensor, feedback: torch.Tensor,
+                      info=None, gram: Optional[torch.Tensor] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``<P, R>``, ``||P||^2`` and their gradients with respect to the feedback ``B``, in closed form, for the
+    projection ``P = project(e, B)`` of a layer of ``kind`` (``"flat"``: ``e @ B.reshape(D, -1)``, a Linear's and
+    a dense convolution's; ``"kernel"``: :func:`spread_projection` of it, ``info`` the spread; ``"factored"``:
+    :func:`factored_projection`, ``info`` the layer's ``("factored", C, H, W, feedback)``).
+
+    ``R`` is ``diag(w) r`` (``r``: ``(N, width)``, one row per row of ``e``) and ``er`` is ``diag(w) e``, so a
+    per-row weight (GrAPE's directional derivatives) is never spread over ``r``. Nothing of ``P``'s size is
+    formed: ``<P, R> = <B, M>`` with ``M = er^T A(r)`` (``A`` the adjoint of the spatial map: identity for flat,
+    :func:`adjoint_spread` for kernel), and ``||P||^2 = <B, G B S>`` with ``G = e^T e`` (``D x D``) and ``S`` the
+    spatial map's Gram operator (identity; ``scale^2 (my my^T) . (mx mx^T)`` on each channel's taps). For the
+    factored shape ``B = [Bc | Bs]``, ``<P, R> = sum_d Bc_d^T M_d Bs_d`` with ``M = er^T r`` as ``(D, C, H W)`` and
+    ``||P||^2 = sum(G * (Bc Bc^T) * (Bs Bs^T))``. Returns ``(pg, pp, grad_pg, grad_pp)``, the gradients in
+    ``feedback``'s shape; the gradients of ``autograd`` through the projection, in float64 to rounding
+    (tests/test_functional.py). ``gram``: ``e^T e`` when the caller has it.
+    """
+    d = feedback.shape[0]
+    b = feedback.reshape(d, -1).to(e.dtype)
+    gram = e.t().mm(e) if gram is None else gram  # (D, D)
+    if kind == "factored":
+        channels = info[1]
+        bc, bs = b[:, :channels], b[:, channels:]
+        m = er.t().mm(r).reshape(d, channels, bs.shape[1])  # (D, C, HW)
+        grad_c = torch.bmm(m, bs.unsqueeze(2)).squeeze(2)  # M_d Bs_d: (D, C)
+        grad_s = torch.bmm(bc.unsqueeze(1), m).squeeze(1)  # Bc_d^T M_d: (D, HW)
+        pg = (grad_c * bc).sum()
+        cc, ss = bc.mm(bc.t()), bs.mm(bs.t())
+        pp = (gram * cc * ss).sum()
+        grad_pp = torch.cat([(gram * ss).mm(bc), (gram * cc).mm(bs)], dim=1) * 2
+        return pg, pp, torch.cat([grad_c, grad_s], dim=1).reshape(feedback.shape), grad_pp.reshape(feedback.shape)
+    if kind == "kernel":
+        channels, kh, kw, my, mx, scale = info
+        m = er.t().mm(adjoint_spread(r, info))  # (D, C kh kw)
+        k = spread_matrix(info, e.dtype)
+        bsb = b.reshape(d * channels, kh * kw).mm(k.mm(k.t())).reshape(d, -1)  # S's Gram: (kh kw, kh kw)
+        gbs = gram.mm(bsb) * (scale * scale)
+    elif kind == "flat":
+        m = er.t().mm(r.reshape(r.shape[0], -1))
+        gbs = gram.mm(b)
+    else:
+        raise ValueError(f"no closed form for projection kind {kind!r}; valid: {', '.join(PROJECTION_KINDS)}")
+    pg, pp = (b * m).sum(), (b * gbs).sum()
+    return pg, pp, m.reshape(feedback.shape), (gbs * 2).reshape(feedback.shape)
+
+
+def projection_width(kind: str, feedback: torch.Tensor, info=None) -> int:
+    """Entries per row of a layer's projection ``P`` (its input's, per example or token)."""
+    if kind == "flat":
+        return feedback[0].numel()
+    if kind == "kernel":
+        return info[0] * info[3].shape[1] * info[4].shape[1]
+    return info[1] * info[2] * info[3]

@@ -45,3 +45,41 @@ def restore(state: Dict[str, Any]) -> None:
         np.random.set_state(state["numpy"])
     if "random" in state:
         random.setstate(state["random"])
+
+
+#: CPU draws of at least this many numbers are split between two threads (torch's CPU ``normal_`` runs on one)
+PARALLEL_DRAW = 1 << 16
+_POOL: Dict[str, Any] = {"pid": None, "pool": None}
+
+
+def derived_seed(seed: int) -> int:
+    """A second seed from ``seed`` (a fixed odd multiplier, mod 2^62), for the generator of :func:`normal`'s
+    second thread."""
+    return (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (1 << 62)
+
+
+def _worker():
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+    if _POOL["pid"] != os.getpid():  # none yet, or inherited through fork (its thread is not there)
+        _POOL["pool"], _POOL["pid"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bio_ext_draw"), os.getpid()
+    return _POOL["pool"]
+
+
+def normal(shape, dtype: torch.dtype, device, generator: torch.Generator,
+           second: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Independent standard-normal draws of ``shape``, as ``torch.randn(shape, generator=generator)``; on the CPU,
+    with ``second`` and at least :data:`PARALLEL_DRAW` numbers (and more than one torch thread), the first half
+    comes from ``generator`` and the second from ``second`` in a worker thread at the same time, in half the
+    time. The same generators give the same draws."""
+    n = 1
+    for s in shape:
+        n *= s
+    if second is None or torch.device(device).type != "cpu" or n < PARALLEL_DRAW or torch.get_num_threads() < 2:
+        return torch.randn(shape, dtype=dtype, device=device, generator=generator)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    flat, half = out.view(-1), n // 2
+    pending = _worker().submit(flat[half:].normal_, generator=second)
+    flat[:half].normal_(generator=generator)
+    pending.result()
+    return out

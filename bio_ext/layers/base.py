@@ -148,6 +148,11 @@ class FeedbackLayer(nn.Module):
     #: step differentiates it with respect to B)
     project_error = staticmethod(project_flat)
 
+    def projection_kind(self, info: Any = None) -> Optional[str]:
+        """Which closed form of GrAPE's cosine step (:func:`bio_ext.functional.cosine_statistics`) fits this
+        layer's :meth:`project_error` (``info``: what it registered); None: none, the step uses autograd."""
+        return "flat" if type(self).project_error is project_flat else None
+
     def to_original(self) -> nn.Module:
         """The original torch module, holding this layer's current parameters."""
         mod = copy.copy(self._shell)

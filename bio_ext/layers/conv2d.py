@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import Function
@@ -98,7 +99,8 @@ class Conv2dDirectFn(Function):
 
 
 class Conv2dDirectJvpFn(Conv2dDirectFn):
-    """:class:`Conv2dDirectFn` with a ``jvp`` (GrAPE's tangents); the plain one has none, for ``torch.compile``."""
+    """:class:`Conv2dDirectFn` with a ``jvp``, for callers that run it on dual tensors; the plain one has none, for
+    ``torch.compile`` (GrAPE's layers compute the tangent in :meth:`FeedbackConv2d.forward`)."""
 
     @staticmethod
     def jvp(ctx, x_t, w_t, b_t, _session, _slot, _stride, _padding, _dilation, _groups, _spread):
@@ -284,8 +286,21 @@ class FeedbackConv2d(FeedbackLayer):
         spread = self.projection_info(xp)
         slot, xp = self._direct_slot(session, xp, spread)
         xp, w, b = autocast_inputs(xp, self.weight, self.bias)
-        fn = Conv2dDirectJvpFn if self.mode_spec.rule.forward_gradient else Conv2dDirectFn
-        return fn.apply(xp, w, b, session, slot, *geom, spread)
+        if self.mode_spec.rule.forward_gradient:
+            xp, tangent = fwAD.unpack_dual(xp)
+            out = Conv2dDirectFn.apply(xp, w, b, session, slot, *geom, spread)
+            # the tangent computed here rather than by Conv2dDirectJvpFn's jvp (see FeedbackLinear.forward)
+            return out if tangent is None else fwAD.make_dual(out, F.conv2d(tangent, w.detach(), None, *geom))
+        return Conv2dDirectFn.apply(xp, w, b, session, slot, *geom, spread)
+
+    def projection_kind(self, info=None) -> Optional[str]:
+        if type(self).project_error is not FeedbackConv2d.project_error:
+            return None
+        if self.conv_feedback == "kernel":
+            return "kernel" if isinstance(info, tuple) and len(info) == 6 else None
+        if self.conv_feedback == "dense":
+            return "flat"
+        return "factored" if isinstance(info, tuple) and info and info[0] == "factored" else None
 
     def project_error(self, e: torch.Tensor, feedback: torch.Tensor, info=None) -> torch.Tensor:
         if self.conv_feedback == "factored":

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import Function
@@ -91,8 +92,9 @@ class LinearDirectFn(Function):
 
 
 class LinearDirectJvpFn(LinearDirectFn):
-    """:class:`LinearDirectFn` with a ``jvp``, for modes that carry forward-mode tangents (GrAPE). The plain one
-    has none, so that ``torch.compile`` can trace it (dynamo refuses Functions with a custom ``jvp``)."""
+    """:class:`LinearDirectFn` with a ``jvp``, for callers that run it on dual tensors. The plain one has none, so
+    that ``torch.compile`` can trace it (dynamo refuses Functions with a custom ``jvp``); GrAPE's layers run the
+    plain one on the primal and compute the tangent in :meth:`FeedbackLinear.forward`."""
 
     @staticmethod
     def jvp(ctx, x_t, w_t, b_t, _session, _slot, _transposed=None):
@@ -144,8 +146,14 @@ class FeedbackLinear(FeedbackLayer):
             return linear(x, self.weight, self.bias, self.transposed)  # Conv1D: exactly transformers' forward
         slot, x = self._direct_slot(session, x)
         x, w, b = autocast_inputs(x, self.weight, self.bias)
-        fn = LinearDirectJvpFn if self.mode_spec.rule.forward_gradient else LinearDirectFn
-        return fn.apply(x, w, b, session, slot, self.transposed)
+        if self.mode_spec.rule.forward_gradient:
+            x, tangent = fwAD.unpack_dual(x)
+            out = LinearDirectFn.apply(x, w, b, session, slot, self.transposed)
+            # the forward-mode tangent of the layer (the weights carry none: activity perturbation), computed here
+            # rather than by LinearDirectJvpFn's jvp: forward AD would materialise zero tangents for the weight
+            # and bias of every layer it runs through
+            return out if tangent is None else fwAD.make_dual(out, linear(tangent, w.detach(), None, self.transposed))
+        return LinearDirectFn.apply(x, w, b, session, slot, self.transposed)
 
 
 @register_layer(nn.Linear, output_size=lambda m: m.out_features)

@@ -9,9 +9,10 @@ One step, inside the user's ordinary ``model(x)`` / ``loss.backward()``:
    forward-mode AD level (``torch.autograd.forward_ad``). Each converted layer
    whose input needs a gradient adds a fresh standard-normal perturbation ``u_l``
    to the tangent of its input, the very tensor at which DFA injects its
-   feedback. Tangents flow through everything in between (ReLU, BatchNorm,
-   residual additions, pooling) by PyTorch's own forward-mode rules, and through
-   the converted layers by their ``jvp``. The output layer's output tangent ``t``
+   feedback. Tangents flow through everything in between (ReLU, residual additions,
+   pooling) by PyTorch's own forward-mode rules, through BatchNorm by the same formula
+   in fewer passes (:mod:`bio_ext.modes.grape_norm`), and through the converted layers
+   by the tangent product each computes in its forward. The output layer's output tangent ``t``
    is kept; the loss itself is computed without tangents. The level is shared
    (:mod:`bio_ext.modes.levels`): GrAPE forwards in several threads run under one level, and
    a forward inside the user's own ``fwAD.dual_level()`` runs under theirs (refused, with a
@@ -37,6 +38,12 @@ One step, inside the user's ordinary ``model(x)`` / ``loss.backward()``:
        lr  =  feedback_lr / (1 + t / feedback_lr_halflife)     # t: this layer's step count
        B   <- B + lr * ||B||^2 * v
        B   <- B * (||B_0|| / ||B||)          # norm kept constant (as the paper does)
+
+   The gradient is computed in closed form for Linear and Conv2d layers (every feedback shape) and
+   feedback points (:func:`~bio_ext.modes.grape_step.cosine_gradient`): ``cos = <P, g> / (||P|| ||g||)``
+   with ``<P, g> = <B, e^T (d u)>`` and ``||P||^2 = <B, (e^T e) B>`` (through the convolution's spread
+   where it has one), so neither ``P`` nor ``g`` is formed; other layers differentiate ``project_error``
+   with autograd. Equal to autograd in float64 (tests/test_functional.py).
 
    Because ``cos`` does not depend on ``||B||``, ``||B|| grad_B cos`` is
    dimensionless and ``lr`` is roughly the angle (radians) ``B`` turns per step.
@@ -122,7 +129,10 @@ forward did, and a reentrant segment is a custom Function with no ``jvp``. What 
   reaching it raises torch's "You must implement the jvp function" error.
 
 Perturbations are drawn from a generator of each forward's own, seeded by one draw from the global RNG at the
-start of the forward, so dropout inside the forward sees the same stream whether or not layers perturb.
+start of the forward, so dropout inside the forward sees the same stream whether or not layers perturb. On the
+CPU, where torch draws normals on one thread, a draw of 65536 numbers or more takes its second half from a second
+generator of the forward's own (seeded from the first's seed) in a worker thread at the same time: the same
+independent standard normals, in about half the time (:func:`bio_ext._utils.rng.normal`).
 
 Convolutions. With the default ``conv_feedback="kernel"`` a Conv2d's projection is
 (nearly) constant over its input grid, so GrAPE cannot align it with a spatially varying gradient
@@ -157,7 +167,8 @@ between its projected error and its forward-gradient estimate, before the update
 **Non-finite batches.** The feedback step runs inside ``backward``, before the user's loop can look
 at the loss, so a loop that skips the optimizer step on a NaN/inf loss (GradScaler-style) cannot
 skip it. The step therefore checks that the error ``e``, the estimate ``g_l`` and the cosine's
-gradient are all finite; when one is not, it leaves every buffer (``feedback``,
+gradient are all finite (in the closed form, one check of the gradient and the cosine: a NaN or inf
+in ``e``, ``d`` or ``u`` reaches every entry of both); when one is not, it leaves every buffer (``feedback``,
 ``feedback_velocity``, ``feedback_steps``) as it was and adds 1 to ``layer.feedback_skips``
 (a 0-d long buffer, kept out of ``state_dict``: a diagnostic count since the model was built). The
 check is a ``torch.where`` on a 0-d tensor, so it needs no device sync. The cosine divides each
@@ -200,9 +211,10 @@ from .. import distributed
 from .._utils import rng
 from ..errors import FeedbackSignalError, Problem
 from ..session import FeedbackSession, activate, reset
-from . import levels
+from . import grape_norm, levels
 from .base import register_mode
 from .direct import DirectFeedbackAlignment
+from .grape_step import apply_step, batch_cosine, cosine_gradient, finite, projection_kind  # noqa: F401
 
 #: perturb_layers='cycle': per converted model, [forwards seen, slots of the last forward]
 _CYCLES: "weakref.WeakKeyDictionary[nn.Module, List[int]]" = weakref.WeakKeyDictionary()
@@ -240,25 +252,12 @@ def validate_options(options: Mapping[str, Any]) -> List[Problem]:
     return problems
 
 
-def batch_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine between two tensors flattened over the whole mini-batch, safe at any scale.
-
-    Each tensor is first divided by its largest magnitude (a constant for autograd: the cosine does not
-    depend on it, so the gradient is unchanged). Without that, ``||g||`` of an estimate that grows with
-    the logits (about 1e18 and more) overflows float32, and the cosine and its gradient become NaN.
-    """
-    a, b = a.reshape(-1), b.reshape(-1)
-    tiny = torch.finfo(a.dtype).tiny
-    a = a / a.detach().abs().amax().clamp_min(tiny)
-    b = b / b.detach().abs().amax().clamp_min(tiny)
-    return (a @ b) / (a.norm() * b.norm()).clamp_min(tiny)
-
-
 class _Forward:
     """GrAPE's state for one forward (``session.rule_state``): the perturbation added at each slot,
     the output's tangent, and what the extra tangent directions need and produce."""
 
-    __slots__ = ("perturbations", "out_tangent", "examples", "generator", "replay", "replays", "main", "cursor",
+    __slots__ = ("perturbations", "out_tangent", "examples", "generator", "generator2", "replay", "replays", "main",
+                 "cursor",
                  "level", "counted", "sdpa", "only_slot", "cycle", "off", "seed", "group")
 
     def __init__(self, generator: Optional[torch.Generator] = None, main: Optional[FeedbackSession] = None) -> None:
@@ -269,6 +268,8 @@ class _Forward:
         self.examples: Optional[int] = None
         #: draws the perturbations when set (several tangent directions: the global RNG must replay)
         self.generator = generator
+        #: on the CPU, the generator of the second half of large draws (:func:`bio_ext._utils.rng.normal`)
+        self.generator2: Optional[torch.Generator] = None
         #: (module, args, kwargs, rng state, directions, device) of the forward, to replay it
         self.replay: Any = None
         #: (perturbations, output tangent) of each extra tangent direction
@@ -344,9 +345,12 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             seed = distributed.rank_seed(seed, distributed.group_rank(fwd.group))
         fwd.seed = seed
         fwd.generator = torch.Generator(device=device).manual_seed(seed)
+        if device.type == "cpu":
+            fwd.generator2 = torch.Generator(device=device).manual_seed(rng.derived_seed(seed))
         if directions > 1:
             fwd.replay = (module, args, kwargs, rng.capture(device), directions, device)
         fwd.level, fwd.counted = levels.enter(module, args, kwargs)  # may refuse: before anything is entered
+        grape_norm.hook_norms(module)  # BatchNorm's tangent in a few fused passes (modes/grape_norm.py)
         from torch.nn.attention import SDPBackend, sdpa_kernel
         fwd.sdpa = sdpa_kernel([SDPBackend.MATH])
         fwd.sdpa.__enter__()
@@ -380,7 +384,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
         # drawn in at least float32 (under autocast the activations are bf16/fp16): the same draws as without
         # autocast, rounded to the activation's dtype
         draw = torch.promote_types(primal.dtype, torch.float32)
-        u = torch.randn(primal.shape, dtype=draw, device=primal.device, generator=fwd.generator).to(primal.dtype)
+        u = rng.normal(primal.shape, draw, primal.device, fwd.generator, fwd.generator2).to(primal.dtype)
         while len(fwd.perturbations) <= slot:
             fwd.perturbations.append(None)
         fwd.perturbations[slot] = u
@@ -438,6 +442,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
                     rng.restore(start)
                     replay = FeedbackSession(session.bank, session.output_dim, session.rule, tangent_only=True)
                     replay.rule_state = _Forward(fwd.generator, main=session)
+                    replay.rule_state.generator2 = fwd.generator2
                     token = activate(replay)
                     try:
                         module.forward(*args, **kwargs)
@@ -468,6 +473,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
         tangents = [(fwd.perturbations, fwd.out_tangent)] + [(us, t) for us, t in fwd.replays if t is not None]
         directions = None  # (perturbations, d) per tangent direction, computed when a layer needs them
         synced = []  # under torch.distributed: the steps whose statistics are all-reduced together
+        shared: Dict[Any, Any] = {}  # what the layers' steps share (the scaled error and its Gram matrix)
         for slot, layer in enumerate(session.layers):
             u = fwd.perturbations[slot] if slot < len(fwd.perturbations) else None
             if u is None or layer is None:
@@ -478,13 +484,23 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             opts = {**DEFAULTS, **layer.mode_options}
             pairs = [(us[slot], t) for us, t in tangents
                      if slot < len(us) and us[slot] is not None and us[slot].shape == u.shape]
-            g = None
+            sync = fwd.group is not None and opts["feedback_lr"] != 0
+            g = weights = None
             if opts["feedback_target"] == "gradient" or opts["keep_estimate"]:
                 if directions is None:
                     directions = {id(t): per_example(t) for _, t in tangents}
-                shape = (ex,) + (1,) * (u.dim() - 1)
-                terms = [(uk.to(wide) * directions[id(t)].reshape(shape)).reshape(n, -1) for uk, t in pairs]
-                g = terms[0] if len(terms) == 1 else torch.stack(terms).mean(0)
+                if len(pairs) == 1 and opts["feedback_target"] == "gradient" and not sync:
+                    # one direction: the estimate d_n u_n is kept as its factors (the per-row d and u), and the
+                    # step never forms it (see step())
+                    uk, t = pairs[0]
+                    weights = directions[id(t)]
+                    if n != ex:  # several rows (tokens) per example: each row has its example's d
+                        weights = weights.repeat_interleave(n // ex)
+                    g = uk.to(wide).reshape(n, -1)
+                else:
+                    shape = (ex,) + (1,) * (u.dim() - 1)
+                    terms = [(uk.to(wide) * directions[id(t)].reshape(shape)).reshape(n, -1) for uk, t in pairs]
+                    g = terms[0] if len(terms) == 1 else torch.stack(terms).mean(0)
             if opts["feedback_target"] == "jacobian":
                 # B against the output's Jacobian: each direction's output tangent t = J u, projected
                 # through B as the error is, is compared with the perturbation u itself (E[t u^T] = J)
@@ -493,42 +509,38 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
                         opts, g)
             else:
                 call = (layer, e, g, session.infos[slot], opts, None)
-            if fwd.group is not None and opts["feedback_lr"] != 0:
+            if sync:
                 synced.append(call)
             else:
-                self.step(*call[:5], estimate=call[5])
+                self.step(*call[:5], estimate=call[5], weights=weights, shared=shared)
         if synced:
             self.step_synced(synced, fwd.group)
 
     @staticmethod
-    def step(layer, e: torch.Tensor, g: torch.Tensor, info, opts, estimate: Optional[torch.Tensor] = None) -> None:
+    def step(layer, e: torch.Tensor, g: torch.Tensor, info, opts, estimate: Optional[torch.Tensor] = None,
+             weights: Optional[torch.Tensor] = None, shared: Optional[dict] = None) -> None:
         """Turn ``layer.feedback`` up the gradient of the mini-batch cosine between ``e`` projected through
         it and ``g`` (the error and the gradient estimate, or the output tangent and the perturbation);
-        ``estimate`` is what ``keep_estimate`` keeps when ``g`` is not the gradient estimate."""
+        ``weights`` (one per row): the estimate is ``weights[:, None] * g`` (GrAPE's ``d_n u_n``, never formed);
+        ``estimate`` is what ``keep_estimate`` keeps when ``g`` is not the gradient estimate; ``shared``: what
+        the steps of one backward share (:func:`~bio_ext.modes.grape_step.scaled_error`)."""
         fb = layer.feedback
         # in the wider of the error's and the feedback's dtypes, autocast off: under mixed precision the error
         # is bf16/fp16, the feedback (and its step) stays in its own dtype
         dtype = torch.promote_types(e.dtype, fb.dtype)
         e, g = e.to(dtype), g.to(dtype)
-        with torch.enable_grad(), torch.autocast(e.device.type, enabled=False):
-            b = fb.detach().to(dtype).requires_grad_(True)
-            p = layer.project_error(e.detach(), b, info)
-            width = p[0].numel()
-            if width != g.shape[1]:
-                # one error row per example but several positions (tokens) per example at this layer: the
-                # projection is spread evenly over them, so the best it can align with is their sum
-                g = g.reshape(g.shape[0], -1, width).sum(1)
-            cos = batch_cosine(p, g)
-            (grad,) = torch.autograd.grad(cos, b)
-        with torch.no_grad():
-            layer.grape_cos = cos.detach()
+        weights = None if weights is None else weights.to(dtype)
+        with torch.no_grad(), torch.autocast(e.device.type, enabled=False):
+            cos, grad, ok, g = cosine_gradient(layer, e, g, info, weights, shared)
+            layer.grape_cos = cos
             if opts["keep_estimate"]:
-                layer.forward_gradient = (g if estimate is None else estimate).detach()
+                if estimate is None:
+                    estimate = g if weights is None else g * weights[:, None]
+                layer.forward_gradient = estimate.detach()
             lr, mom, half = opts["feedback_lr"], opts["momentum"], opts["feedback_lr_halflife"]
             if lr == 0:
                 return
-            apply_step(layer, fb, grad, finite(e, g, grad), lr, mom, half)
-
+            apply_step(layer, fb, grad, ok, lr, mom, half)
 
     @staticmethod
     def step_synced(calls, group) -> None:
@@ -560,27 +572,3 @@ def in_checkpoint() -> bool:
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     hooks = top(False) if top is not None else None
     return bool(hooks) and getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook.")
-
-
-def finite(*tensors: torch.Tensor) -> torch.Tensor:
-    """Whether every entry of every tensor is finite, as a 0-d bool tensor (no device sync)."""
-    ok = torch.isfinite(tensors[0]).all()
-    for t in tensors[1:]:
-        ok = ok & torch.isfinite(t).all()
-    return ok
-
-
-def apply_step(layer, fb: torch.Tensor, grad: torch.Tensor, ok: torch.Tensor, lr: float, mom: float, half) -> None:
-    """One feedback step (velocity, decayed rate, step, renormalisation to the initial norm) where ``ok``;
-    where not (a non-finite error, estimate or cosine gradient) every buffer is left as it was and
-    ``feedback_skips`` counts the batch. ``torch.where`` selects, so no device sync is needed."""
-    steps, skips, v, norm0 = layer.feedback_steps, layer.feedback_skips, layer.feedback_velocity, layer.feedback_norm
-    if half is not None:  # a tensor, so no device sync
-        lr = lr / (1.0 + steps.to(fb.dtype) / half)
-    new_v = v * mom + grad.to(v.dtype) * (1 - mom)
-    new_fb = fb + new_v * (lr * norm0 * norm0)
-    new_fb = new_fb * (norm0 / new_fb.norm().clamp_min(torch.finfo(fb.dtype).tiny))
-    v.copy_(torch.where(ok, new_v, v))
-    fb.copy_(torch.where(ok, new_fb, fb))
-    steps += ok.to(steps.dtype)
-    skips += (~ok).to(skips.dtype)

@@ -1,0 +1,132 @@
+"""GrAPE's feedback step, the maths of part 3 of :mod:`bio_ext.modes.grape`: the mini-batch cosine between a layer's
+projected error and its forward-gradient estimate, its gradient with respect to the feedback (in closed form where
+the layer's projection has one, :func:`bio_ext.functional.cosine_statistics`), and the update of the feedback."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..functional import cosine_statistics, project_flat, projection_width
+
+
+def batch_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine between two tensors flattened over the whole mini-batch, safe at any scale.
+
+    Each tensor is first divided by its largest magnitude (a constant for autograd: the cosine does not
+    depend on it, so the gradient is unchanged). Without that, ``||g||`` of an estimate that grows with
+    the logits (about 1e18 and more) overflows float32, and the cosine and its gradient become NaN.
+    """
+    a, b = a.reshape(-1), b.reshape(-1)
+    tiny = torch.finfo(a.dtype).tiny
+    a = a / a.detach().abs().amax().clamp_min(tiny)
+    b = b / b.detach().abs().amax().clamp_min(tiny)
+    return (a @ b) / (a.norm() * b.norm()).clamp_min(tiny)
+
+
+def projection_kind(layer, info) -> Optional[str]:
+    """The closed form of :func:`bio_ext.functional.cosine_statistics` that fits ``layer``'s projection (a
+    converted layer's ``projection_kind``; a feedback point's ``e @ B``), None: none (autograd)."""
+    kind = getattr(layer, "projection_kind", None)
+    if kind is not None:
+        return kind(info)
+    return "flat" if getattr(type(layer), "project_error", None) is project_flat else None
+
+
+def scaled_error(e: torch.Tensor, weights: Optional[torch.Tensor], shared: dict):
+    """``e`` divided by its largest magnitude, its Gram matrix ``es^T es``, ``diag(ws) es`` and ``ws`` (the row
+    weights divided by their largest magnitude; ``es`` and None without weights): the same for every layer of
+    one step, so computed once and kept in ``shared`` (keyed by the tensors, which it holds)."""
+    key = (id(e), e.dtype, None if weights is None else id(weights))
+    hit = shared.get(key)
+    if hit is None:
+        tiny = torch.finfo(e.dtype).tiny
+        base = shared.get((id(e), e.dtype))
+        if base is None:
+            es = e / e.abs().amax().clamp_min(tiny)
+            base = shared[(id(e), e.dtype)] = (e, es, es.t().mm(es))
+        _, es, gram = base
+        if weights is None:
+            hit = (es, gram, es, None, e)
+        else:
+            ws = weights / weights.abs().amax().clamp_min(tiny)
+            hit = (es, gram, es * ws[:, None], ws, weights)
+        shared[key] = hit
+    return hit[:4]
+
+
+def cosine_gradient(layer, e: torch.Tensor, g: torch.Tensor, info, weights: Optional[torch.Tensor] = None,
+                    shared: Optional[dict] = None):
+    """The mini-batch cosine between ``P = layer.project_error(e, B)`` and the estimate ``R`` (``g``, or
+    ``weights[:, None] * g``), its gradient with respect to ``B = layer.feedback``, whether the step may use it
+    (every input and the gradient finite), and ``g`` as compared (several rows per projection row summed).
+
+    Computed as :func:`batch_cosine` defines it: each side is divided by its largest magnitude first (here
+    ``e``, and ``weights`` or ``g``, which scale ``P`` and ``R``), so float32 does not overflow. For the layers
+    with a closed form (Linear, Conv2d of every feedback shape, feedback points) the gradient is
+    ``grad<P,R> / (||P|| ||R||) - cos grad||P||^2 / (2 ||P||^2)`` with the parts of
+    :func:`bio_ext.functional.cosine_statistics`: nothing of ``P``'s size is formed, and ``R`` is not formed
+    either when it comes as ``weights`` and ``g``. Other layers: autograd through ``project_error``.
+    Non-finite values in ``e``, ``weights`` or ``g`` reach every entry of the gradient (the sums of the closed
+    form mix every row, and NaN or inf times anything, zero included, is not finite), so one check of the
+    gradient and the cosine covers them all. ``shared``: what the layers of one step share (see
+    :func:`scaled_error`)."""
+    fb = layer.feedback
+    dtype = e.dtype
+    tiny = torch.finfo(dtype).tiny
+    kind = projection_kind(layer, info)
+    if kind is None:
+        if weights is not None:
+            g = g * weights[:, None]
+        with torch.enable_grad():
+            b = fb.detach().to(dtype).requires_grad_(True)
+            p = layer.project_error(e.detach(), b, info)
+            width = p[0].numel()
+            if width != g.shape[1]:
+                # one error row per example but several positions (tokens) per example at this layer: the
+                # projection is spread evenly over them, so the best it can align with is their sum
+                g = g.reshape(g.shape[0], -1, width).sum(1)
+            cos = batch_cosine(p, g)
+            (grad,) = torch.autograd.grad(cos, b)
+        return cos.detach(), grad, finite(e, g, grad), g
+    width = projection_width(kind, fb, info)
+    if width != g.shape[1]:  # several positions (tokens) per example: their sum, as above
+        g = g.reshape(g.shape[0], -1, width).sum(1)
+    shared = {} if shared is None else shared
+    es, gram, er, ws = scaled_error(e, weights, shared)
+    if weights is None:
+        rs = g / g.abs().amax().clamp_min(tiny)
+        gg = rs.reshape(-1).dot(rs.reshape(-1))
+    else:
+        rs = g
+        gg = torch.linalg.vector_norm(g, dim=1).square().dot(ws.square())
+    pg, pp, grad_pg, grad_pp = cosine_statistics(kind, es, er, rs, fb.detach(), info, gram=gram)
+    norm = (pp.sqrt() * gg.sqrt()).clamp_min(tiny)
+    cos = pg / norm
+    grad = grad_pg / norm - grad_pp * (cos / (2 * pp).clamp_min(tiny))
+    return cos, grad.to(fb.dtype), torch.isfinite(grad).all() & torch.isfinite(cos), g
+
+
+def finite(*tensors: torch.Tensor) -> torch.Tensor:
+    """Whether every entry of every tensor is finite, as a 0-d bool tensor (no device sync)."""
+    ok = torch.isfinite(tensors[0]).all()
+    for t in tensors[1:]:
+        ok = ok & torch.isfinite(t).all()
+    return ok
+
+
+def apply_step(layer, fb: torch.Tensor, grad: torch.Tensor, ok: torch.Tensor, lr: float, mom: float, half) -> None:
+    """One feedback step (velocity, decayed rate, step, renormalisation to the initial norm) where ``ok``;
+    where not (a non-finite error, estimate or cosine gradient) every buffer is left as it was and
+    ``feedback_skips`` counts the batch. ``torch.where`` selects, so no device sync is needed."""
+    steps, skips, v, norm0 = layer.feedback_steps, layer.feedback_skips, layer.feedback_velocity, layer.feedback_norm
+    if half is not None:  # a tensor, so no device sync
+        lr = lr / (1.0 + steps.to(fb.dtype) / half)
+    new_v = v * mom + grad.to(v.dtype) * (1 - mom)
+    new_fb = fb + new_v * (lr * norm0 * norm0)
+    new_fb = new_fb * (norm0 / new_fb.norm().clamp_min(torch.finfo(fb.dtype).tiny))
+    v.copy_(torch.where(ok, new_v, v))
+    fb.copy_(torch.where(ok, new_fb, fb))
+    steps += ok.to(steps.dtype)
+    skips += (~ok).to(skips.dtype)

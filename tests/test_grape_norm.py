@@ -1,0 +1,82 @@
+"""GrAPE's BatchNorm tangent (bio_ext/modes/grape_norm.py, issue 16): the few fused passes give the tangent that
+torch's forward AD gives, for BatchNorm1d/2d, affine or not, with batch or running statistics, and a GrAPE
+forward through a network with BatchNorm carries the same output tangent with the hooks as without them."""
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bio_ext
+from bio_ext.modes import grape_norm
+from bio_ext.modes.grape import GradientAlignedProjectedError as Rule
+
+
+@pytest.mark.parametrize("cls, shape", [(nn.BatchNorm2d, (6, 3, 5, 5)), (nn.BatchNorm1d, (7, 4)),
+                                        (nn.BatchNorm1d, (5, 4, 3))], ids=["2d", "1d", "1d_length"])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_tangent_equals_torchs_forward_ad(cls, shape, affine, training):
+    torch.manual_seed(0)
+    m = cls(shape[1], affine=affine).double().train(training)
+    with torch.no_grad():
+        m.running_var.uniform_(0.5, 2)
+        if affine:
+            m.weight.uniform_(0.5, 2)
+            m.bias.uniform_()
+    x = torch.randn(*shape, dtype=torch.float64) * 3 + 1
+    t = torch.randn_like(x)
+    with fwAD.dual_level():
+        ref = fwAD.unpack_dual(m(fwAD.make_dual(x, t))).tangent
+    torch.testing.assert_close(grape_norm.batch_norm_tangent(m, x, t), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_a_grape_forward_through_batchnorm_carries_torchs_output_tangent(monkeypatch):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)).double()
+    x, y = torch.randn(8, 2, 7, 7, dtype=torch.float64), torch.randint(0, 3, (8,))
+    seen = []
+    on_output = Rule.on_output
+
+    def record(self, session, output):
+        out = on_output(self, session, output)
+        seen.append(session.rule_state.out_tangent.clone())
+        return out
+
+    monkeypatch.setattr(Rule, "on_output", record)
+    calls, fused = [], grape_norm.batch_norm_tangent
+    monkeypatch.setattr(grape_norm, "batch_norm_tangent", lambda *a: calls.append(1) or fused(*a))
+    tangents = []
+    for hooked in (True, False):
+        if not hooked:
+            monkeypatch.setattr(grape_norm, "_active", lambda module: False)
+        model = bio_ext.convert(net, "grape", seed=0, options={"feedback_lr": 0.0})
+        torch.manual_seed(5)
+        F.cross_entropy(model(x), y).backward()
+        tangents.append(seen[-1])
+    # the hook ran at the second BatchNorm (the first one's input, after the first layer, carries no tangent)
+    assert len(calls) == 1 and tangents[0].abs().max() > 0
+    torch.testing.assert_close(tangents[0], tangents[1], rtol=1e-10, atol=1e-12)
+
+
+def test_the_statistics_the_forward_saved_give_the_same_tangent():
+    torch.manual_seed(1)
+    m = nn.BatchNorm2d(3).double()
+    x = (torch.randn(6, 3, 4, 4, dtype=torch.float64) * 2 + 3).requires_grad_(True)
+    t = torch.randn_like(x)
+    stats = grape_norm._saved_stats(m(x))
+    assert stats is not None
+    torch.testing.assert_close(grape_norm.batch_norm_tangent(m, x, t, stats), grape_norm.batch_norm_tangent(m, x, t),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_revert_takes_the_batchnorm_hooks_off():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    model = bio_ext.convert(net, "grape", seed=0)
+    F.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 3, (8,))).backward()
+    assert model[3]._forward_hooks and model[3]._forward_pre_hooks
+    plain = bio_ext.revert(model)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in plain.modules())
