@@ -84,7 +84,6 @@ class Conv2dDirectFn(Function):
         ctx.geom = (stride, padding, dilation, groups)
         ctx.session, ctx.slot, ctx.spread, ctx.x_shape = session, slot, spread, x.shape
         ctx.has_bias = bias is not None
-        ctx.w_fwd = weight
         ctx.save_for_backward(x, weight)
 
     @staticmethod
@@ -96,16 +95,6 @@ class Conv2dDirectFn(Function):
         gw, gb = conv2d_param_grads(g, x, w, stride, padding, dilation, groups, need[1],
                                     ctx.has_bias and need[2])
         return gx, gw, gb, None, None, None, None, None, None, None
-
-
-class Conv2dDirectJvpFn(Conv2dDirectFn):
-    """:class:`Conv2dDirectFn` with a ``jvp``, for callers that run it on dual tensors; the plain one has none, for
-    ``torch.compile`` (GrAPE's layers compute the tangent in :meth:`FeedbackConv2d.forward`)."""
-
-    @staticmethod
-    def jvp(ctx, x_t, w_t, b_t, _session, _slot, _stride, _padding, _dilation, _groups, _spread):
-        stride, padding, dilation, groups = ctx.geom
-        return F.conv2d(x_t, ctx.w_fwd.detach(), None, stride, padding, dilation, groups)
 
 
 class FeedbackConv2d(FeedbackLayer):
@@ -289,7 +278,7 @@ class FeedbackConv2d(FeedbackLayer):
         if self.mode_spec.rule.forward_gradient:
             xp, tangent = fwAD.unpack_dual(xp)
             out = Conv2dDirectFn.apply(xp, w, b, session, slot, *geom, spread)
-            # the tangent computed here rather than by Conv2dDirectJvpFn's jvp (see FeedbackLinear.forward)
+            # the tangent computed here rather than by a custom Function's jvp (see FeedbackLinear.forward)
             return out if tangent is None else fwAD.make_dual(out, F.conv2d(tangent, w.detach(), None, *geom))
         return Conv2dDirectFn.apply(xp, w, b, session, slot, *geom, spread)
 

@@ -79,7 +79,6 @@ class LinearDirectFn(Function):
         ctx.transposed = len(inputs) > 5 and inputs[5]
         ctx.has_bias = bias is not None
         ctx.session, ctx.slot, ctx.x_shape = session, slot, x.shape
-        ctx.w_fwd = weight  # for the jvp (LinearDirectJvpFn)
         ctx.save_for_backward(x)
 
     @staticmethod
@@ -89,17 +88,6 @@ class LinearDirectFn(Function):
         gx = direct_input_grad(ctx.session.take(ctx.slot), x, ctx.session.tangential) if need[0] else None
         gw, gb = linear_param_grads(g, x, need[1], ctx.has_bias and need[2], ctx.transposed)
         return gx, gw, gb, None, None, None
-
-
-class LinearDirectJvpFn(LinearDirectFn):
-    """:class:`LinearDirectFn` with a ``jvp``, for callers that run it on dual tensors. The plain one has none, so
-    that ``torch.compile`` can trace it (dynamo refuses Functions with a custom ``jvp``); GrAPE's layers run the
-    plain one on the primal and compute the tangent in :meth:`FeedbackLinear.forward`."""
-
-    @staticmethod
-    def jvp(ctx, x_t, w_t, b_t, _session, _slot, _transposed=None):
-        # forward-mode tangents flow through the layer (weights carry none: activity perturbation)
-        return linear(x_t, ctx.w_fwd.detach(), None, ctx.transposed)
 
 
 class FeedbackLinear(FeedbackLayer):
@@ -150,7 +138,7 @@ class FeedbackLinear(FeedbackLayer):
             x, tangent = fwAD.unpack_dual(x)
             out = LinearDirectFn.apply(x, w, b, session, slot, self.transposed)
             # the forward-mode tangent of the layer (the weights carry none: activity perturbation), computed here
-            # rather than by LinearDirectJvpFn's jvp: forward AD would materialise zero tangents for the weight
+            # rather than by a custom Function's jvp: forward AD would materialise zero tangents for the weight
             # and bias of every layer it runs through
             return out if tangent is None else fwAD.make_dual(out, linear(tangent, w.detach(), None, self.transposed))
         return LinearDirectFn.apply(x, w, b, session, slot, self.transposed)
