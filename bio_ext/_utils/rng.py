@@ -69,13 +69,14 @@ def _worker():
 def normal(shape, dtype: torch.dtype, device, generator: torch.Generator,
            second: Optional[torch.Generator] = None) -> torch.Tensor:
     """Independent standard-normal draws of ``shape``, as ``torch.randn(shape, generator=generator)``; on the CPU,
-    with ``second`` and at least :data:`PARALLEL_DRAW` numbers (and more than one torch thread), the first half
-    comes from ``generator`` and the second from ``second`` in a worker thread at the same time, in half the
-    time. The same generators give the same draws."""
+    with ``second`` and at least :data:`PARALLEL_DRAW` numbers, the first half comes from ``generator`` and the
+    second from ``second`` in a worker thread at the same time, in about half the time when torch has two threads
+    or more. The same generators give the same draws whatever the number of torch threads (a seeded run does not
+    change with ``OMP_NUM_THREADS``)."""
     n = 1
     for s in shape:
         n *= s
-    if second is None or torch.device(device).type != "cpu" or n < PARALLEL_DRAW or torch.get_num_threads() < 2:
+    if second is None or torch.device(device).type != "cpu" or n < PARALLEL_DRAW:
         return torch.randn(shape, dtype=dtype, device=device, generator=generator)
     out = torch.empty(shape, dtype=dtype, device=device)
     flat, half = out.view(-1), n // 2
