@@ -107,7 +107,8 @@ def counterpart_gradient(layer, e: torch.Tensor, x: torch.Tensor, info=None) -> 
         width = fb[0].numel()
         if x.numel() % (rows * width):
             return None
-        a = x.reshape(rows, -1, width).sum(1)  # one error row per example, several tokens: their sum
+        # one error row per example, several tokens: their sum (one row each: a view, no pass over the activity)
+        a = x.reshape(rows, width) if x.numel() == rows * width else x.reshape(rows, -1, width).sum(1)
         return e.t().mm(a).reshape(fb.shape)
     with torch.enable_grad(), torch.autocast(e.device.type, enabled=False):
         b = fb.detach().to(dtype).requires_grad_(True)
