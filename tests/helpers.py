@@ -3,14 +3,11 @@
 import torch
 import torch.nn as nn
 
+import bio_ext
+
 
 def tanh_mlp(sizes=(6, 7, 5, 4), dtype=torch.float64):
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(nn.Tanh())
-    return nn.Sequential(*layers).to(dtype)
+    return relu_mlp(sizes, act=nn.Tanh, dtype=dtype)
 
 
 def grads(model):
@@ -74,3 +71,36 @@ def assert_dfa_hand_gradients(layers, x, y, signal=dfa_signal, loss_scale=1.0):
     torch.testing.assert_close(l2.bias.grad, d2.sum(0))
     torch.testing.assert_close(l1.weight.grad, d1.t() @ x)
     torch.testing.assert_close(l1.bias.grad, d1.sum(0))
+
+
+def relu_mlp(sizes=(6, 9, 7, 4), act=nn.ReLU, bias=True, dtype=torch.float64):
+    """Linear layers with ``act`` between them (none after the last), in ``dtype``: the peers' test network."""
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=bias))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers).to(dtype)
+
+
+def feedback_layers_of(model):
+    """The converted layers of ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, bio_ext.FeedbackLayer)]
+
+
+def float64_batch(n=16, d=6, classes=4):
+    """``n`` standard-normal float64 inputs of width ``d`` and random labels among ``classes``."""
+    return torch.randn(n, d, dtype=torch.float64), torch.randint(0, classes, (n,))
+
+
+def assert_same_backward(a, b, x, y, seed=7):
+    """One cross-entropy backward of ``a`` and of ``b`` from the same global RNG state gives the same ``.grad``
+    on every parameter (``a`` and ``b`` hold the same state, e.g. after ``load_state_dict``)."""
+    for m in (a, b):
+        m.zero_grad()
+    for m in (a, b):
+        torch.manual_seed(seed)
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad)
+

@@ -22,26 +22,12 @@ import torch.nn.functional as F
 
 import bio_ext
 from bio_ext.errors import ConfigError, FeedbackSignalError, UnsupportedModuleError
+from helpers import assert_same_backward, feedback_layers_of, float64_batch, relu_mlp
 
 PEERS = ["pepita", "dkp", "fdfa"]
 
 
-def mlp(sizes=(6, 9, 7, 4), act=nn.ReLU, bias=True, dtype=torch.float64):
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=bias))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers).to(dtype)
-
-
-def linears(model):
-    return [m for m in model.modules() if isinstance(m, bio_ext.FeedbackLayer)]
-
-
-def batch(n=16, d=6, classes=4):
-    x = torch.randn(n, d, dtype=torch.float64)
-    return x, torch.randint(0, classes, (n,))
+mlp, linears, batch = relu_mlp, feedback_layers_of, float64_batch
 
 
 # --------------------------------------------------------------------------- registration
@@ -408,13 +394,6 @@ def test_state_dict_round_trip_resumes_identically(mode):
     assert a.state_dict().keys() == b.state_dict().keys()
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
-    for m in (a, b):
-        m.zero_grad()
-    torch.manual_seed(7)
-    F.cross_entropy(a(x), y).backward()
-    torch.manual_seed(7)
-    F.cross_entropy(b(x), y).backward()
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad)
+    assert_same_backward(a, b, x, y)
     for la, lb in zip(linears(a), linears(b)):
         torch.testing.assert_close(la.feedback, lb.feedback)

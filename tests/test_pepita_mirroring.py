@@ -22,25 +22,12 @@ import torch.nn.functional as F
 
 import bio_ext
 from bio_ext.errors import ConfigError
+from helpers import assert_same_backward, feedback_layers_of, float64_batch, relu_mlp
 
 MIRROR = {"weight_mirroring": True}
 
 
-def mlp(sizes=(6, 9, 7, 4), act=nn.ReLU, bias=True, dtype=torch.float64):
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=bias))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers).to(dtype)
-
-
-def linears(model):
-    return [m for m in model.modules() if isinstance(m, bio_ext.FeedbackLayer)]
-
-
-def batch(n=16, d=6, classes=4):
-    return torch.randn(n, d, dtype=torch.float64), torch.randint(0, classes, (n,))
+mlp, linears, batch = relu_mlp, feedback_layers_of, float64_batch
 
 
 def cos(a, b):
@@ -231,13 +218,6 @@ def test_state_dict_round_trip_keeps_the_mirror_matrices_and_the_schedule():
     b.load_state_dict(a.state_dict())
     for la, lb in zip(linears(a), linears(b)):
         assert torch.equal(la.mirror, lb.mirror) and int(lb.mirror_steps) == 3
-    for m in (a, b):
-        m.zero_grad()
-    torch.manual_seed(7)
-    F.cross_entropy(a(x), y).backward()
-    torch.manual_seed(7)
-    F.cross_entropy(b(x), y).backward()
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad)
+    assert_same_backward(a, b, x, y)
     for la, lb in zip(linears(a), linears(b)):
         torch.testing.assert_close(la.mirror, lb.mirror)  # step 3 mirrored in both (3 % 2 >= 1)
