@@ -450,6 +450,8 @@ def _install(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec, out: _output
         root.register_forward_hook(_root_hook, always_call=True)
         if guess is not None and guess.returned:
             _output.mark_root_tap(root, state_of(root), {out.layer})
+    if spec.rule.forward_gradient:
+        grape_norm.hook_norms(root)  # BatchNorm's tangent in a few fused passes (modes/grape_norm.py)
     return root
 
 

@@ -258,12 +258,14 @@ def tangential(g: torch.Tensor, x: torch.Tensor, lead: int = 1) -> torch.Tensor:
 PROJECTION_KINDS = ("flat", "kernel", "factored")
 
 
-def adjoint_spread(r: torch.Tensor, spread: Tuple) -> torch.Tensor:
+def adjoint_spread(r: torch.Tensor, spread: Tuple, k: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The adjoint of :func:`spread_projection`: a ``(N, C, H, W)`` tensor (any ``(N, C*H*W)`` view) onto the
-    per-tap space ``(N, C*kh*kw)``, ``scale * my @ r[n, c] @ mx^T`` (``r[n, c] @ K^T`` flattened)."""
+    per-tap space ``(N, C*kh*kw)``, ``scale * my @ r[n, c] @ mx^T`` (``r[n, c] @ K^T`` flattened; ``k``: the
+    :func:`spread_matrix` in ``r``'s dtype when the caller has it)."""
     channels, kh, kw, my, mx, scale = spread
     n = r.shape[0]
-    out = r.reshape(n * channels, -1).mm(spread_matrix(spread, r.dtype).t())
+    k = spread_matrix(spread, r.dtype) if k is None else k
+    out = r.reshape(n * channels, -1).mm(k.t())
     if scale != 1.0:
         out = out * scale
     return out.reshape(n, -1)
@@ -303,8 +305,8 @@ def cosine_statistics(kind: str, e: torch.Tensor, er: torch.Tensor, r: torch.Ten
         return pg, pp, torch.cat([grad_c, grad_s], dim=1).reshape(feedback.shape), grad_pp.reshape(feedback.shape)
     if kind == "kernel":
         channels, kh, kw, my, mx, scale = info
-        m = er.t().mm(adjoint_spread(r, info))  # (D, C kh kw)
         k = spread_matrix(info, e.dtype)
+        m = er.t().mm(adjoint_spread(r, info, k.to(r.dtype)))  # (D, C kh kw)
         bsb = b.reshape(d * channels, kh * kw).mm(k.mm(k.t())).reshape(d, -1)  # S's Gram: (kh kw, kh kw)
         gbs = gram.mm(bsb) * (scale * scale)
     elif kind == "flat":

@@ -211,7 +211,7 @@ from .. import distributed
 from .._utils import rng
 from ..errors import FeedbackSignalError, Problem
 from ..session import FeedbackSession, activate, reset
-from . import grape_norm, levels
+from . import levels
 from .base import register_mode
 from .direct import DirectFeedbackAlignment
 from .grape_step import apply_step, batch_cosine, cosine_gradient, finite, projection_kind  # noqa: F401
@@ -350,7 +350,6 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
         if directions > 1:
             fwd.replay = (module, args, kwargs, rng.capture(device), directions, device)
         fwd.level, fwd.counted = levels.enter(module, args, kwargs)  # may refuse: before anything is entered
-        grape_norm.hook_norms(module)  # BatchNorm's tangent in a few fused passes (modes/grape_norm.py)
         from torch.nn.attention import SDPBackend, sdpa_kernel
         fwd.sdpa = sdpa_kernel([SDPBackend.MATH])
         fwd.sdpa.__enter__()

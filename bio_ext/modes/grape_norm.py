@@ -29,8 +29,9 @@ _TANGENT = "_bio_ext_grape_tangent"
 
 
 def hook_norms(root: nn.Module) -> None:
-    """Give every BatchNorm of ``root`` the two hooks, where it has not got them (``revert`` and
-    ``detach_feedback`` take them off again)."""
+    """Give every BatchNorm of ``root`` the two hooks, where it has not got them: once, when ``convert`` builds a
+    model whose rule carries tangents (``revert`` and ``detach_feedback`` take them off again). A BatchNorm
+    added to the model afterwards gets PyTorch's own tangent formula: the same tangent, in more passes."""
     for m in root.modules():
         if type(m) in NORMS and not any(hook_function(h) is take_tangent for h in m._forward_pre_hooks.values()):
             m.register_forward_pre_hook(take_tangent)
