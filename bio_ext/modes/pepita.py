@@ -450,10 +450,12 @@ def mirror_chain(layers, out_dim: int) -> List[torch.Tensor]:
 
 
 def product(chain: List[torch.Tensor]) -> torch.Tensor:
-    """``B_1 B_2 ... B_L`` (``K x D``)."""
-    f = chain[0]
-    for b in chain[1:]:
-        f = f.mm(b.to(f.dtype))
+    """``B_1 B_2 ... B_L`` (``K x D``), multiplied from the right: every product then has ``D`` columns (an MLP
+    784-1024-1024-10: about 18 M multiply-adds instead of 0.8 G from the left)."""
+    dtype = chain[0].dtype
+    f = chain[-1].to(dtype)
+    for b in reversed(chain[:-1]):
+        f = b.to(dtype).mm(f)
     return f
 
 
