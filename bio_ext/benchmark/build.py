@@ -96,7 +96,7 @@ def load_data(cfg: BenchmarkConfig):
     """The run's :class:`~bio_ext.benchmark.data.DataBundle`, resized to ``data.target_size``."""
     d = cfg.data
     bundle = load_dataset(d.dataset, d.dataset_path, val_fraction=d.val_fraction, seed=0, limit=d.limit,
-                          augment=d.augment, **d.options)
+                          test_limit=d.test_limit, augment=d.augment, **d.options)
     size = d.target_size
     if size is None or len(bundle.input_shape) != 3 or tuple(bundle.input_shape[1:]) == (size, size):
         if size is not None and len(bundle.input_shape) != 3:

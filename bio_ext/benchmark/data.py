@@ -39,7 +39,8 @@ and the validation examples are in sample order. With ``seed=0`` and ``val_fract
 exactly biotorch's CIFAR-10 benchmark split (biotorch seeds ``random`` with 0). For its other
 datasets biotorch uses the test set as validation; here ``val_fraction=0`` gives ``val=None``
 instead. ``limit`` keeps ``limit`` train examples (after the holdout), chosen by a permutation
-seeded with ``seed`` and kept in their original order; val and test are not limited.
+seeded with ``seed`` and kept in their original order; val is not limited; ``test_limit`` keeps the first
+``test_limit`` test examples (the same ones for every run; for quick CPU proxies).
 """
 
 from __future__ import annotations
@@ -175,7 +176,8 @@ def _holdout(n: int, val_fraction: float, seed: int) -> Tuple[List[int], List[in
 
 
 def load_dataset(name: str, root: Optional[str] = None, *, val_fraction: float = 0.1, seed: int = 0,
-                 limit: Optional[int] = None, flatten: bool = False, augment: bool = False, **options) -> DataBundle:
+                 limit: Optional[int] = None, flatten: bool = False, augment: bool = False,
+                 test_limit: Optional[int] = None, **options) -> DataBundle:
     """Load a registered dataset into memory and split it (see the module docstring).
 
     ``options`` go to the dataset's loader (e.g. ``synthetic``'s ``num_classes``); unknown ones
@@ -189,8 +191,9 @@ def load_dataset(name: str, root: Optional[str] = None, *, val_fraction: float =
         problems.append(f"val_fraction={val_fraction!r}: must be a number in [0, 1), e.g. 0.1")
     if isinstance(seed, bool) or not isinstance(seed, int):
         problems.append(f"seed={seed!r}: must be an int")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        problems.append(f"limit={limit!r}: must be a positive int or None")
+    for what, value in (("limit", limit), ("test_limit", test_limit)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            problems.append(f"{what}={value!r}: must be a positive int or None")
     params = inspect.signature(loader).parameters
     valid = [p for p in params if p != "root"]
     for k in options:
@@ -219,7 +222,7 @@ def load_dataset(name: str, root: Optional[str] = None, *, val_fraction: float =
     train = TensorDataset(xtr[tr_idx_t], ytr[tr_idx_t], transform)
     val = TensorDataset(xtr[torch.tensor(val_idx, dtype=torch.long)], ytr[torch.tensor(val_idx, dtype=torch.long)]) \
         if val_idx else None
-    test = TensorDataset(xte, yte)
+    test = TensorDataset(xte[:test_limit], yte[:test_limit])
     log.info("dataset %s: train %d, val %d, test %d, input %s, %d classes", name, len(train),
              0 if val is None else len(val), len(test), input_shape, num_classes)
     return DataBundle(name=name, train=train, val=val, test=test, num_classes=int(num_classes),

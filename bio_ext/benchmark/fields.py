@@ -91,6 +91,8 @@ FIELDS: Dict[str, Spec] = {
                               lambda v: 0 <= v < 1, "in [0, 1)"),
     "data.limit": Spec(None, "int?", "keep this many training examples (quick runs, tests); null: all",
                        lambda v: v >= 1, ">= 1"),
+    "data.test_limit": Spec(None, "int?", "keep the first test_limit test examples (CPU proxies); null: all",
+                            lambda v: v >= 1, ">= 1"),
     "data.augment": Spec(False, "bool", "training augmentation where the dataset has one (cifar10: "
                          "random crop and flip)"),
     "data.options": Spec({}, "mapping", "extra options of the dataset loader (e.g. synthetic's `num_classes`)"),

@@ -188,6 +188,7 @@ class DataConfig(_Section):
     num_workers: int = _d("data.num_workers")
     val_fraction: float = _d("data.val_fraction")
     limit: Optional[int] = _d("data.limit")
+    test_limit: Optional[int] = _d("data.test_limit")
     augment: bool = _d("data.augment")
     options: Dict[str, Any] = _d("data.options")
 

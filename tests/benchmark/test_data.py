@@ -137,6 +137,14 @@ def test_limit_keeps_a_deterministic_ordered_subset_of_train_only():
     assert len(load_dataset("digits", limit=10 ** 6).train) == len(full.train)
 
 
+def test_test_limit_keeps_the_first_test_examples_and_nothing_else():
+    full, cut = load_dataset("digits", seed=4), load_dataset("digits", seed=4, test_limit=50)
+    assert torch.equal(cut.test.x, full.test.x[:50]) and torch.equal(cut.test.y, full.test.y[:50])
+    assert torch.equal(cut.train.x, full.train.x) and torch.equal(cut.val.x, full.val.x)
+    with pytest.raises(InvalidOptionError, match="test_limit=0"):
+        load_dataset("digits", test_limit=0)
+
+
 def test_flatten_gives_flat_examples_and_shape():
     b = load_dataset("digits", flatten=True)
     assert b.input_shape == (64,) and tuple(b.train[0][0].shape) == (64,) and tuple(b.test.x.shape) == (360, 64)
