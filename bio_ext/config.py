@@ -15,6 +15,7 @@ CONV_ERROR = ("norm", "mean", "sum")
 CONV_FEEDBACK = ("kernel", "dense", "factored")  # = bio_ext.functional.CONV_FEEDBACK
 GRANULARITY = ("layer", "macro", "micro")
 ERROR_AT = ("auto", "output", "head_input")
+RADIAL = ("auto", "keep", "drop", "output")  # = bio_ext.functional.RADIAL
 
 
 def unknown_keys(given: Iterable[str], valid: Iterable[str], *, kind: str = "key") -> List[Problem]:
@@ -125,10 +126,19 @@ class ConvertConfig(RoundTrip):
         input_shape: one example's input shape (e.g. ``(3, 32, 32)``), needed by ``dense`` and
             ``factored``: convert() runs one probe forward of zeros to learn each Conv2d's input grid
             and creates the feedback then.
-        tangential: direct family: each layer drops, example by example, the component of its
-            injected input gradient along its input (:func:`bio_ext.functional.tangential`), so
-            the fixed random feedback turns the activity but does not grow it. Evidence:
-            BENCHMARKS.md, "Deep networks: what grows under DFA".
+        radial: direct family: what each converted layer does with the component of its injected input
+            gradient along its own input, example by example (the part of a step that grows or shrinks the
+            activity rather than turning it). ``keep``: the projection as it is (Nokland's DFA); ``drop``:
+            removed (:func:`bio_ext.functional.tangential`); ``output``: replaced by the true gradient's
+            radial component ``<e_n, z_n>`` (``z`` the output), exact wherever the net above the layer is
+            positively homogeneous (ReLU, pooling, dropout, linear maps, biases aside), with the tangential
+            part at the error's norm (:func:`bio_ext.functional.output_radial`); ``auto`` (default): the
+            mode's own default (``output`` for dfa and grape, ``keep`` for the others), with ``keep`` instead
+            of ``output`` when the model holds a module outside :data:`bio_ext.convert.HOMOGENEOUS_TYPES`
+            (tanh, GELU, LayerNorm, attention...: logged at ``convert``). Feedback points
+            (``granularity='macro'``/``'micro'``) take their projection as it is. Why: BENCHMARKS.md, "Deep
+            networks, fourth round".
+        tangential: ``True`` is the older spelling of ``radial='drop'``.
         strict: refuse (instead of warning about) modules with parameters that the conversion leaves on
             plain backprop, and converted layers whose weight is used by another module: the rule is in
             :mod:`bio_ext.audit`.
@@ -154,6 +164,7 @@ class ConvertConfig(RoundTrip):
     options: Mapping[str, Any] = field(default_factory=dict)
     conv_feedback: str = "kernel"
     input_shape: Optional[Tuple[int, ...]] = None
+    radial: str = "auto"
     tangential: bool = False
     strict: bool = False
 
@@ -177,6 +188,22 @@ class ConvertConfig(RoundTrip):
         problems.extend(self.validate_rest())
         if problems:
             raise (ConfigError if options_ok else ConfigTypeError)(problems, what="bio_ext configuration")
+
+    def resolved_radial(self, not_homogeneous: Iterable[str] = ()) -> str:
+        """``radial`` with ``auto`` and ``tangential`` resolved: ``keep``, ``drop`` or ``output`` (``keep`` for
+        modes outside the direct family, which inject nothing). ``auto`` takes the mode's default, except that
+        ``output`` falls back to ``keep`` when the model has modules that are not positively homogeneous
+        (``not_homogeneous``, their names: saturating activations such as tanh, where ``<e, z>`` is not the
+        true gradient's radial component)."""
+        spec = get_mode(self.mode)
+        if spec.family != "direct":
+            return "keep"
+        if self.tangential:
+            return "drop"
+        if self.radial != "auto":
+            return self.radial
+        default = getattr(spec.rule, "default_radial", "keep")
+        return "keep" if default == "output" and any(True for _ in not_homogeneous) else default
 
     def validate_rest(self):
         problems = []
@@ -203,6 +230,11 @@ class ConvertConfig(RoundTrip):
             problems.append(f"strict: must be true or false, got {self.strict!r}")
         if not isinstance(self.tangential, bool):
             problems.append(f"tangential: must be true or false, got {self.tangential!r}")
+        if not isinstance(self.radial, str) or self.radial not in RADIAL:
+            problems.append(f"radial: {self.radial!r} is not one of {', '.join(RADIAL)}")
+        elif self.tangential is True and self.radial not in ("auto", "drop"):
+            problems.append(Problem("radial", f"{self.radial!r} contradicts tangential=True (which means "
+                                    "radial='drop'): set only radial"))
         if self.error_at not in ERROR_AT:
             problems.append(f"error_at: {self.error_at!r} is not one of {', '.join(ERROR_AT)}")
         if self.granularity not in GRANULARITY:

@@ -105,19 +105,22 @@ class BioExtState:
     #: the converted layer modules, looked up once (the error tap takes their inputs under torch.compile)
     layers: Optional[Tuple[nn.Module, ...]] = None
     untapped: Any = None
+    #: ``config.radial`` as resolved for this model at convert (what each forward's session applies)
+    radial: str = "keep"
 
     def __deepcopy__(self, memo):
         return BioExtState(self.config, self.mode, self.output_dim, list(self.layer_names), self.output_layer,
-                           list(self.points), self.expected_output)
+                           list(self.points), self.expected_output, radial=self.radial)
 
     def __getstate__(self):
         return {"config": self.config.to_dict(), "mode": self.mode.name, "output_dim": self.output_dim,
                 "layer_names": self.layer_names, "output_layer": self.output_layer, "points": self.points,
-                "expected_output": self.expected_output}
+                "expected_output": self.expected_output, "radial": self.radial}
 
     def __setstate__(self, s):
-        self.__init__(ConvertConfig.from_dict(s["config"]), get_mode(s["mode"]), s["output_dim"],
-                      s["layer_names"], s["output_layer"], s.get("points", []), s.get("expected_output"))
+        config = ConvertConfig.from_dict(s["config"])
+        self.__init__(config, get_mode(s["mode"]), s["output_dim"], s["layer_names"], s["output_layer"],
+                      s.get("points", []), s.get("expected_output"), radial=s.get("radial", config.resolved_radial()))
 
 
 def state_of(model: nn.Module) -> Optional[BioExtState]:
@@ -163,7 +166,7 @@ def _root_pre_hook(module: nn.Module, args, kwargs):
         if state.expected_output is not None:
             _output.settle(module, state, args, kwargs)
         session = FeedbackSession(state.bank, state.output_dim, state.mode.rule)
-        session.tangential = state.config.tangential
+        session.radial = state.radial
         session.owner = module
         if state.layers is None:
             state.layers = tuple(module.get_submodule(n) for n in state.layer_names)
@@ -422,6 +425,22 @@ def _convert_planned(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec) -> n
     return root
 
 
+#: leaf module types through which the output is positively homogeneous in a layer's input (biases aside; BatchNorm
+#: nearly so for one example of a large batch): ``radial='auto'`` gives ``output`` only where every leaf is one
+HOMOGENEOUS_TYPES: Tuple[type, ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.MaxPool1d, nn.MaxPool2d,
+    nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Dropout, nn.Dropout1d,
+    nn.Dropout2d, nn.Dropout3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.BatchNorm1d, nn.BatchNorm2d,
+    nn.BatchNorm3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d)
+
+
+def not_homogeneous(model: nn.Module) -> List[str]:
+    """Names of ``model``'s leaf modules that are neither converted layers nor of :data:`HOMOGENEOUS_TYPES`."""
+    return [f"{n or '<root>'} ({type(m).__name__})" for n, m in model.named_modules()
+            if not any(True for _ in m.children()) and not isinstance(m, HOMOGENEOUS_TYPES + (FeedbackLayer,))]
+
+
 def _install(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec, out: _output.Output, new_layers, point_plan,
              generator, guess: Optional[_output.Guess]) -> nn.Module:
     root = target
@@ -436,6 +455,13 @@ def _install(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec, out: _output
     root.__dict__[STATE_ATTR] = BioExtState(cfg, spec, out.dim, [n for n, _ in new_layers], out.layer, point_names,
                                             expected)
     if spec.family == "direct":
+        state = state_of(root)
+        blockers = not_homogeneous(root)
+        state.radial = cfg.resolved_radial(blockers)
+        log.info("%s: the radial part of each injected signal is %s (radial=%r%s)", spec.name,
+                 {"keep": "kept as projected", "drop": "dropped",
+                  "output": "the true gradient's, <e, z> (exact above positively homogeneous layers)"}[state.radial],
+                 cfg.radial, f"; not positively homogeneous: {', '.join(blockers[:3])}" if blockers else "")
         for _, new in new_layers:
             new.tap_takes_traced = True
         tap_module = root.get_submodule(out.layer)

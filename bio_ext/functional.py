@@ -238,7 +238,7 @@ def tangential(g: torch.Tensor, x: torch.Tensor, lead: int = 1) -> torch.Tensor:
     """``g`` without its component along ``x``, separately for each index of the first ``lead`` dims:
     ``g_n - (<g_n, x_n> / ||x_n||^2) x_n`` (``x_n = 0`` leaves ``g_n`` as it is).
 
-    Applied to a direct-feedback layer's injected input gradient (``ConvertConfig.tangential``): a step
+    Applied to a direct-feedback layer's injected input gradient (``ConvertConfig.radial="drop"``): a step
     along the result changes the direction of each example's activity at the layer input but, to first
     order, not its norm, which fixed random feedback otherwise grows without limit (see BENCHMARKS.md,
     "Deep networks: what grows under DFA").
@@ -250,6 +250,52 @@ def tangential(g: torch.Tensor, x: torch.Tensor, lead: int = 1) -> torch.Tensor:
     xx = (x2 * x2).sum(1, keepdim=True)
     coef = (g2 * x2).sum(1, keepdim=True) / xx.clamp_min(torch.finfo(g.dtype).tiny)
     return (g2 - coef * x2).reshape(g.shape)
+
+
+#: what a direct-feedback layer does with the component of its injected signal along its own input
+#: (``ConvertConfig.radial``); ``auto`` is resolved by :func:`bio_ext.config.resolve_radial`
+RADIAL = ("auto", "keep", "drop", "output")
+
+
+def radial_statistics(e: torch.Tensor, z: torch.Tensor, examples: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per example: ``r_n = <e_n, z_n>`` and ``||e_n||``, from the output error ``e`` and the output ``z``
+    (both ``rows x D``; the rows of one example, e.g. its tokens, are summed). ``r_n`` is the exact radial
+    component ``<g_n, x_n>`` of the true gradient ``g`` at any layer input ``x`` whose map to the output is
+    positively homogeneous of degree 1 (ReLU, max/average pooling, dropout, bias-free linear maps: then
+    ``J x = z`` by Euler's identity, so ``<J^T e, x> = <e, z>``)."""
+    e32, z32 = e.detach().float(), z.detach().float().reshape(e.shape)
+    r = (e32 * z32).sum(1)
+    en = (e32 * e32).sum(1)
+    if examples and r.shape[0] != examples:
+        if examples <= 0 or r.shape[0] % examples:
+            raise FeedbackSignalError(
+                f"radial='output': the output has {r.shape[0]} rows, not a multiple of the {examples} examples "
+                "at a layer's input; use radial='drop' or 'keep' for this model")
+        r, en = r.reshape(examples, -1).sum(1), en.reshape(examples, -1).sum(1)
+    return r, en.sqrt()
+
+
+def output_radial(g: torch.Tensor, x: torch.Tensor, r: torch.Tensor, en: torch.Tensor) -> torch.Tensor:
+    """A direct-feedback signal ``g`` with the true gradient's scale behaviour restored, example by example
+    (the first dim of ``g`` and ``x``; ``r``, ``en`` from :func:`radial_statistics`)::
+
+        t_n   = g_n - (<g_n, x_n> / ||x_n||^2) x_n            # the random direction, without its radial part
+        out_n = ||e_n|| t_n / ||t_n||  +  (r_n / ||x_n||^2) x_n
+
+    The radial part is the one the true gradient has above a positively homogeneous net
+    (:func:`radial_statistics`): a step then grows an example's activity only while that lowers the loss and
+    shrinks it when the logits overshoot, which a fixed random ``g`` (or its tangential part alone) cannot
+    do. The tangential part is put at the error's norm, the true gradient's norm under a norm-preserving
+    initialisation, so that the two parts are in the true gradient's proportion. Computed in float32.
+    """
+    n = g.shape[0]
+    g2, x2 = g.reshape(n, -1).float(), x.detach().reshape(n, -1).float()
+    tiny = torch.finfo(torch.float32).tiny
+    xx = (x2 * x2).sum(1, keepdim=True).clamp_min(tiny)
+    t = g2 - ((g2 * x2).sum(1, keepdim=True) / xx) * x2
+    tn = t.norm(dim=1, keepdim=True)
+    scale = torch.where(tn > 0, en.reshape(n, 1) / tn.clamp_min(tiny), torch.zeros_like(tn))
+    return (t * scale + (r.reshape(n, 1) / xx) * x2).reshape(g.shape).to(g.dtype)
 
 
 # --------------------------------------------------------------------------- GrAPE's cosine in closed form

@@ -27,7 +27,7 @@ from torch.autograd import Function
 
 from ._utils.outputs import find_output, output_tensors
 from .errors import FeedbackSignalError, OutputDimError
-from .functional import fit_rows
+from .functional import fit_rows, output_radial, radial_statistics, tangential
 
 _CURRENT: contextvars.ContextVar = contextvars.ContextVar("bio_ext_session", default=None)
 
@@ -150,7 +150,8 @@ class FeedbackSession:
     """One forward pass of a converted model: the layers waiting for the output error."""
 
     __slots__ = ("bank", "output_dim", "feedbacks", "widths", "proj", "error", "layers", "infos", "rule",
-                 "tangent_only", "rule_state", "point_outputs", "point_slots", "tangential", "closed", "tapped",
+                 "tangent_only", "rule_state", "point_outputs", "point_slots", "radial", "output", "_radial_stats",
+                 "closed", "tapped",
                  "signal", "late", "graph_task", "owner", "traced_layers", "traced", "__weakref__")
 
     def __init__(self, bank: FeedbackBank, output_dim: int, rule=None, *, tangent_only: bool = False) -> None:
@@ -172,8 +173,12 @@ class FeedbackSession:
         #: outputs of feedback points (attached to the graph) and their slots, handed to the error tap
         self.point_outputs: List[torch.Tensor] = []
         self.point_slots: List[int] = []
-        #: ConvertConfig.tangential: layers drop the component of their injected signal along their input
-        self.tangential = False
+        #: ConvertConfig.radial, resolved: what layers do with the component of their injected signal along
+        #: their input ("keep", "drop" or "output"; :meth:`shape_signal`)
+        self.radial = "keep"
+        #: the model's output, handed over by the error tap with its error for ``radial="output"``
+        self.output: Optional[torch.Tensor] = None
+        self._radial_stats: Optional[Tuple[int, torch.Tensor, torch.Tensor]] = None
         #: the forward has ended (:meth:`close`): a layer that enters now is recomputed by activation
         #: checkpointing during the backward (see :meth:`enter`)
         self.closed = False
@@ -268,6 +273,24 @@ class FeedbackSession:
         if self.rule is not None:
             self.rule.after_projection(self, self.error)
 
+    def shape_signal(self, g: torch.Tensor, x: torch.Tensor, lead: int = 1) -> torch.Tensor:
+        """A layer's injected input gradient ``g`` at its input ``x`` after the session's ``radial`` rule:
+        ``keep`` returns it as it is, ``drop`` without its component along ``x`` (per row of the first ``lead``
+        dims: :func:`~bio_ext.functional.tangential`), ``output`` with the true gradient's radial component
+        per example (:func:`~bio_ext.functional.output_radial`)."""
+        if self.radial == "drop":
+            return tangential(g, x, lead)
+        if self.radial != "output":
+            return g
+        if self.output is None:
+            raise FeedbackSignalError(
+                "radial='output' needs the model's output beside its error, and this backward handed the "
+                "session only the error (a block-wise local loss or a custom tap); use radial='drop' or 'keep'")
+        n = x.shape[0]
+        if self._radial_stats is None or self._radial_stats[0] != n:
+            self._radial_stats = (n, *radial_statistics(self.error, self.output, n))
+        return output_radial(g, x, self._radial_stats[1], self._radial_stats[2])
+
     def take(self, slot: int) -> torch.Tensor:
         if self.proj is None:
             raise FeedbackSignalError(
@@ -308,14 +331,16 @@ class ErrorTap(Function):
         ctx.session = session
         ctx.points = [(p.shape, slot) for p, slot in zip(inputs[2:2 + n], session.point_slots)]
         ctx.traced = list(session.traced)
+        ctx.output = inputs[0].detach() if session.radial == "output" else None
         ctx.save_for_backward(*inputs[2 + n:])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         session: FeedbackSession = ctx.session
+        session.output = ctx.output  # what radial="output" needs beside the error
         session.receive_error(grad.reshape(-1, grad.shape[-1]))
         fed = [fit_rows(session.take(slot), shape, "feedback point").to(grad.dtype) for shape, slot in ctx.points]
-        fed += [layer.injected_gradient(session.take(slot), x, info, session.tangential).to(x.dtype)
+        fed += [layer.injected_gradient(session.take(slot), x, info, session).to(x.dtype)
                 for (layer, slot, info), x in zip(ctx.traced, ctx.saved_tensors)]
         return (grad, None, *fed)
 

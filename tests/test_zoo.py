@@ -60,7 +60,7 @@ def test_resnet18_dfa_gradients_are_on_the_scale_of_backprop():
     bp = model.layer1[0].conv1.weight.grad.norm()
     ratios = {}
     for how in ("norm", "sum"):
-        conv = bio_ext.convert(model, "dfa", conv_error=how, init="normal", seed=0)
+        conv = bio_ext.convert(model, "dfa", conv_error=how, init="normal", seed=0, radial="keep")
         conv.zero_grad()
         F.cross_entropy(conv(x), y).backward()
         ratios[how] = (conv.layer1[0].conv1.weight.grad.norm() / bp).item()

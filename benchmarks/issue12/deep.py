@@ -40,7 +40,7 @@ if a.tanmode == "batch":
     # with --convert '{"tangential": true}': each example's signal orthogonal to its own input (the library's) and
     # the batch's mean signal orthogonal to the batch's mean input: g_n - a_n x_n - c xbar, the N + 1 numbers solved
     # in closed form (the least-squares projection onto those constraints; checked against a solve in float64)
-    import bio_ext.layers.linear as _L, bio_ext.layers.conv2d as _C
+    _L, _C = sys.modules["bio_ext.layers.linear"], sys.modules["bio_ext.layers.conv2d"]
     def _batch_tangential(g, x, lead=1):
         rows = 1
         for s_ in g.shape[:lead]:

@@ -126,9 +126,9 @@ class FeedbackLayer(nn.Module):
             self.traced_inputs.append(x)
         return x.detach()
 
-    def injected_gradient(self, p: torch.Tensor, x: torch.Tensor, info: Any, tangential: bool) -> torch.Tensor:
+    def injected_gradient(self, p: torch.Tensor, x: torch.Tensor, info: Any, session: Any) -> torch.Tensor:
         """The input gradient this layer's direct backward gives ``x``, from its share ``p`` of the session's
-        projection (``info``: what it registered with the session)."""
+        projection (``info``: what it registered with the session), after the session's radial rule."""
         raise NotImplementedError
 
     def projection_info(self, x: torch.Tensor) -> Any:

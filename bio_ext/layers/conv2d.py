@@ -18,7 +18,7 @@ from torch.autograd import Function
 from ..errors import ConversionError, FeedbackSignalError
 from ..functional import (CONV_FEEDBACK, autocast_inputs, conv2d_input_grad, conv2d_param_grads,
                           conv_feedback_elements, conv_padding, conv_projection, coverage_matrix, factored_projection,
-                          pad_input, project_flat, tangential)
+                          pad_input, project_flat)
 from ..modes.base import FeedbackSpec, init_bound
 from ..registry import ModeSpec, register_layer
 from ..session import current_session
@@ -54,16 +54,17 @@ class Conv2dLocalFn(Function):
         return gx, gw, gb, None, None, None, None, None
 
 
-def direct_input_grad(p: torch.Tensor, x: torch.Tensor, spread, tangential_on: bool) -> torch.Tensor:
+def direct_input_grad(p: torch.Tensor, x: torch.Tensor, spread, session) -> torch.Tensor:
     """A Conv2d's DFA input gradient (at its padded input ``x``) from its share ``p`` of the projection and what
-    it registered (``spread``: see :func:`bio_ext.functional.conv_projection`)."""
+    it registered (``spread``: see :func:`bio_ext.functional.conv_projection`), after the session's radial rule
+    (:meth:`~bio_ext.session.FeedbackSession.shape_signal`, per example)."""
     if p.shape[0] != x.shape[0]:
         raise FeedbackSignalError(
             f"Conv2d: the output error has {p.shape[0]} rows but the layer's input has batch "
             f"{x.shape[0]}; direct feedback to a convolution needs one error row per example. "
             "Exclude this layer or use a local mode such as 'fa'.")
     gx = conv_projection(p, spread)  # kernel: spread_projection; dense/factored: see there
-    return tangential(gx, x) if tangential_on else gx  # per example
+    return session.shape_signal(gx, x)
 
 
 class Conv2dDirectFn(Function):
@@ -91,7 +92,7 @@ class Conv2dDirectFn(Function):
         x, w = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geom
         need = ctx.needs_input_grad
-        gx = direct_input_grad(ctx.session.take(ctx.slot), x, ctx.spread, ctx.session.tangential) if need[0] else None
+        gx = direct_input_grad(ctx.session.take(ctx.slot), x, ctx.spread, ctx.session) if need[0] else None
         gw, gb = conv2d_param_grads(g, x, w, stride, padding, dilation, groups, need[1],
                                     ctx.has_bias and need[2])
         return gx, gw, gb, None, None, None, None, None, None, None
@@ -204,8 +205,8 @@ class FeedbackConv2d(FeedbackLayer):
                 if name in self._buffers:
                     self._buffers[name].copy_(fb.norm())
 
-    def injected_gradient(self, p: torch.Tensor, x: torch.Tensor, info, tangential_on: bool) -> torch.Tensor:
-        return direct_input_grad(p, x, info, tangential_on)
+    def injected_gradient(self, p: torch.Tensor, x: torch.Tensor, info, session) -> torch.Tensor:
+        return direct_input_grad(p, x, info, session)
 
     def projection_info(self, xp: torch.Tensor):
         """What this layer registers with the session (see :func:`bio_ext.functional.conv_projection`)."""

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import Function
 
-from ..functional import autocast_inputs, fit_rows, linear_param_grads, tangential
+from ..functional import autocast_inputs, fit_rows, linear_param_grads
 from ..modes.base import FeedbackSpec
 from ..registry import ModeSpec, register_layer
 from ..session import current_session
@@ -59,11 +59,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias, transposed: bool) -> tor
     return out.view(x.shape[:-1] + (weight.shape[1],))
 
 
-def direct_input_grad(p: torch.Tensor, x: torch.Tensor, tangential_on: bool) -> torch.Tensor:
-    """A Linear's DFA input gradient from its share ``p`` of the projection (per row, example or token,
-    without the component along ``x`` when ``tangential_on``)."""
-    gx = fit_rows(p, x.shape, "Linear")
-    return tangential(gx, x, lead=x.dim() - 1) if tangential_on else gx
+def direct_input_grad(p: torch.Tensor, x: torch.Tensor, session) -> torch.Tensor:
+    """A Linear's DFA input gradient from its share ``p`` of the projection, after the session's radial rule
+    (:meth:`~bio_ext.session.FeedbackSession.shape_signal`; ``drop`` works per row, example or token)."""
+    return session.shape_signal(fit_rows(p, x.shape, "Linear"), x, lead=x.dim() - 1)
 
 
 class LinearDirectFn(Function):
@@ -85,7 +84,7 @@ class LinearDirectFn(Function):
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         need = ctx.needs_input_grad
-        gx = direct_input_grad(ctx.session.take(ctx.slot), x, ctx.session.tangential) if need[0] else None
+        gx = direct_input_grad(ctx.session.take(ctx.slot), x, ctx.session) if need[0] else None
         gw, gb = linear_param_grads(g, x, need[1], ctx.has_bias and need[2], ctx.transposed)
         return gx, gw, gb, None, None, None
 
@@ -117,8 +116,8 @@ class FeedbackLinear(FeedbackLayer):
         kind = "Conv1D, " if self.transposed else ""
         return f"{kind}in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
-    def injected_gradient(self, p: torch.Tensor, x: torch.Tensor, info, tangential_on: bool) -> torch.Tensor:
-        return direct_input_grad(p, x, tangential_on)
+    def injected_gradient(self, p: torch.Tensor, x: torch.Tensor, info, session) -> torch.Tensor:
+        return direct_input_grad(p, x, session)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         family = self.mode_spec.family

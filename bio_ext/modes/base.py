@@ -124,6 +124,8 @@ class FeedbackRule:
     """
 
     family: str = "local"
+    #: direct family: what ``ConvertConfig.radial='auto'`` resolves to for this mode (see there)
+    default_radial: str = "keep"
     #: whether :meth:`effective` must be recomputed at every forward
     dynamic: bool = False
     #: whether the mode needs forward-mode tangents (direct family; see :mod:`bio_ext.modes.grape`)

@@ -19,6 +19,8 @@ class DirectFeedbackAlignment(FeedbackRule):
     """
 
     traceable = True
+    #: ConvertConfig.radial="auto": the true gradient's radial part, which keeps deep ReLU nets from diverging
+    default_radial = "output"
 
 
 @register_mode("drtp", family="direct",
@@ -41,6 +43,9 @@ class DirectRandomTargetProjection(DirectFeedbackAlignment):
     rates carry over from ``dfa``. For losses other than cross-entropy over classes the
     recovered target is meaningless: use ``dfa`` there.
     """
+
+    #: ConvertConfig.radial='auto': the projection as it is (the radial rule was measured for dfa and grape only)
+    default_radial = "keep"
 
     transforms_error = True
 

@@ -145,21 +145,23 @@ feedback update can use improves with the batch (~sqrt(N)), with ``directions`` 
 in deep nets, by not sharing one directional derivative among all layers
 (``perturb_layers="cycle"``), measured in BENCHMARKS.md ("Forward-gradient estimate quality").
 
-Stability on deep ReLU networks without normalisation (VGG-16 at Adam 1e-4): what grows under DFA
-and GrAPE is the activity of the late layers (weights keep their norms), and rescaling a layer's
-injected signal cannot stop it under Adam. Removing, per example, the component of the injected
-signal along the layer's input (``ConvertConfig.tangential``) and the dense shape each cut that
-growth; see BENCHMARKS.md ("Deep networks: what grows under DFA" and "... second round") for the
-side-by-side runs. Neither is the default: on VGG-16 ``tangential`` slows the growth without stopping
-it, and ``factored`` + ``tangential`` stops it but learns nothing in 64 steps. In those first steps
-GrAPE is DFA with a slowly turning feedback (its cosine with the estimate stays within 0.015 of 0 in
-every VGG-16 layer, with either ``feedback_target``), so it inherits DFA's divergence; what the seed's
-Table 2 needs, feedback that has aligned before the classifier's activity explodes, is not reached
-at the step counts measured here. Longer runs (189 steps of the full VGG-16, 400 of a VGG-16 with every width
-divided by 4; BENCHMARKS.md, "Deep networks, third round"): on the narrow network ``tangential`` stops the growth
-altogether, on the full one it only slows it (the activity still doubles every epoch); also making the batch's
-mean signal orthogonal to the batch's mean input does not help there. ``tangential`` is the option to use on
-deep ReLU networks without normalisation; the issue's bar for a default (no divergence on VGG-16) is not met.
+Stability on deep ReLU networks (VGG-16, VGG-16-BN, AlexNet at the seed's Adam 1e-4). What grows under DFA
+and GrAPE with the projection as it is (``radial="keep"``) is the activity of the late layers, while every
+weight keeps its norm: a fixed random signal's component along a layer's input moves each example's activity
+out or in regardless of whether that lowers the loss, Adam moves every weight by about ``lr`` per step whatever
+the signal's scale, and nothing turns the growth back. The true gradient has that component in closed form
+wherever the net above the layer is positively homogeneous (ReLU, pooling, dropout, linear maps; biases aside):
+``<g_n, x_n> = <e_n, J x_n> = <e_n, z_n>`` by Euler's identity, the same number for every layer. The default
+``ConvertConfig.radial="auto"`` therefore gives dfa and grape ``"output"`` on such models: each injected signal
+keeps its random (now aligning) direction orthogonal to the input, at the error's norm, plus that radial part
+(:func:`bio_ext.functional.output_radial`), so an example's activity grows only while that lowers its loss and
+shrinks when its logits overshoot. Side by side (BENCHMARKS.md, "Deep networks, fourth round"), full VGG-16 on a
+CIFAR-10 subset: ``keep`` diverges within 60 steps, ``drop`` (the radial part removed, the older
+``tangential=True``) only slows the growth, ``output`` holds the activity at its initial size and learns. Models
+with a saturating activation or a normalisation other than BatchNorm (tanh MLPs, transformers) keep the
+projection as it is under ``auto``: there ``<e, z>`` is not the radial component, and they do not diverge.
+GrAPE's cosine step is unchanged: it turns ``B`` toward the estimate of the whole gradient, and the layer injects
+the tangential part of ``e @ B``.
 
 After each step every layer holds ``layer.grape_cos``: the mini-batch cosine
 between its projected error and its forward-gradient estimate, before the update.

@@ -68,7 +68,7 @@ def test_every_problem_of_the_document_is_reported_at_once_with_its_yaml_path():
     ({"model": {"mode": {"type": "dfa", "convert": {"sacle": 2}}}},
      "model.mode.convert.sacle: unknown key (did you mean 'scale'?); valid keys are conv_error, conv_feedback, error_at, "
      "exclude, exclude_types, granularity, include, include_types, init, input_shape, output_key, output_layer, "
-     "points, scale, seed, strict, tangential"),
+     "points, radial, scale, seed, strict, tangential"),
     ({"model": {"mode": {"options": {"init": "orthogonal"}}}},
      "model.mode.options.init: 'orthogonal' is not one of kaiming, xavier"),
     ({"infrastructure": {"gpus": -2}},
