@@ -99,8 +99,9 @@ def test_an_output_layer_whose_output_is_not_returned_as_it_is_is_tapped_where_i
         torch.testing.assert_close(p.grad, q.grad)
 
 
+# dfa on this all-ReLU cnn: {} is radial="output" (auto), {"radial": "keep"} the projection as it is
 DIRECT_CASES = [(mode, kw) for mode in ("dfa", "drtp") for kw in
-                ({}, {"tangential": True}, {"conv_feedback": "dense"}, {"conv_feedback": "factored"})]
+                ({}, {"radial": "keep"}, {"tangential": True}, {"conv_feedback": "dense"}, {"conv_feedback": "factored"})]
 
 
 @pytest.mark.parametrize("mode, kw", DIRECT_CASES, ids=[f"{m}-{'-'.join(map(str, k.values())) or 'kernel'}"
