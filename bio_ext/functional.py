@@ -263,7 +263,8 @@ def radial_statistics(e: torch.Tensor, z: torch.Tensor, examples: int) -> Tuple[
     component ``<g_n, x_n>`` of the true gradient ``g`` at any layer input ``x`` whose map to the output is
     positively homogeneous of degree 1 (ReLU, max/average pooling, dropout, bias-free linear maps: then
     ``J x = z`` by Euler's identity, so ``<J^T e, x> = <e, z>``)."""
-    e32, z32 = e.detach().float(), z.detach().float().reshape(e.shape)
+    dtype = torch.promote_types(e.dtype, torch.float32)
+    e32, z32 = e.detach().to(dtype), z.detach().to(dtype).reshape(e.shape)
     r = (e32 * z32).sum(1)
     en = (e32 * e32).sum(1)
     if examples and r.shape[0] != examples:
@@ -286,16 +287,17 @@ def output_radial(g: torch.Tensor, x: torch.Tensor, r: torch.Tensor, en: torch.T
     (:func:`radial_statistics`): a step then grows an example's activity only while that lowers the loss and
     shrinks it when the logits overshoot, which a fixed random ``g`` (or its tangential part alone) cannot
     do. The tangential part is put at the error's norm, the true gradient's norm under a norm-preserving
-    initialisation, so that the two parts are in the true gradient's proportion. Computed in float32.
+    initialisation, so that the two parts are in the true gradient's proportion. Computed in float32 at least.
     """
     n = g.shape[0]
-    g2, x2 = g.reshape(n, -1).float(), x.detach().reshape(n, -1).float()
-    tiny = torch.finfo(torch.float32).tiny
+    dtype = torch.promote_types(g.dtype, torch.float32)
+    g2, x2 = g.reshape(n, -1).to(dtype), x.detach().reshape(n, -1).to(dtype)
+    tiny = torch.finfo(dtype).tiny
     xx = (x2 * x2).sum(1, keepdim=True).clamp_min(tiny)
     t = g2 - ((g2 * x2).sum(1, keepdim=True) / xx) * x2
     tn = t.norm(dim=1, keepdim=True)
     scale = torch.where(tn > 0, en.reshape(n, 1) / tn.clamp_min(tiny), torch.zeros_like(tn))
-    return (t * scale + (r.reshape(n, 1) / xx) * x2).reshape(g.shape).to(g.dtype)
+    return (t * scale + (r.reshape(n, 1).to(dtype) / xx) * x2).reshape(g.shape).to(g.dtype)
 
 
 # --------------------------------------------------------------------------- GrAPE's cosine in closed form

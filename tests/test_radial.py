@@ -49,7 +49,7 @@ def test_output_radial_equals_the_formula_by_hand(shape):
         g0, x = keep[i].reshape(7, -1), seen[("x", i)].reshape(7, -1)
         t = g0 - ((g0 * x).sum(1, keepdim=True) / (x * x).sum(1, keepdim=True)) * x
         hand = t * (en / t.norm(dim=1))[:, None] + (r / (x * x).sum(1))[:, None] * x
-        torch.testing.assert_close(seen[i].reshape(7, -1), hand)
+        torch.testing.assert_close(seen[i].reshape(7, -1), hand, rtol=1e-12, atol=1e-15)  # float64 throughout
 
 
 @pytest.mark.parametrize("mode", ["dfa", "grape"])
