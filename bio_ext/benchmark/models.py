@@ -197,15 +197,28 @@ def mlp(num_classes: int, input_shape: Tuple[int, ...], *, hidden: Sequence[int]
 
 
 @register_model("cnn")
-def cnn(num_classes: int, input_shape: Tuple[int, ...], *, activation: str = "tanh") -> nn.Module:
+def cnn(num_classes: int, input_shape: Tuple[int, ...], *, activation: str = "tanh",
+        channels: Sequence[int] = (6, 16), hidden: int = 120) -> nn.Module:
+    """The seed's shallow CNN, LeNet-4-shaped: two 5x5 convolutions (``channels``), each followed by the activation
+    and a 2x2 max-pool, then a hidden Linear of ``hidden`` units and the output layer. The defaults are LeNet's
+    widths; the CIFAR-10 column needs wider ones (issue 12, item 5)."""
     act = _activation(activation, "cnn")
+    problems = []
+    if not isinstance(channels, (list, tuple)) or len(channels) != 2 or not all(
+            isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in channels):
+        problems.append(f"channels={channels!r}: must be two positive ints, e.g. [6, 16] (LeNet) or [64, 128]")
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+        problems.append(f"hidden={hidden!r}: must be a positive int, e.g. 120")
+    if problems:
+        raise InvalidOptionError(problems, what="options for model 'cnn'")
     unflatten, (c, h, w) = _image_shape(input_shape, "cnn")
     pad2 = 0 if min(h, w) >= 12 else 2
     head = [unflatten] if unflatten is not None else []
-    features = nn.Sequential(nn.Conv2d(c, 6, 5, padding=2), act(), nn.MaxPool2d(2),
-                             nn.Conv2d(6, 16, 5, padding=pad2), act(), nn.MaxPool2d(2), nn.Flatten())
+    c1, c2 = channels
+    features = nn.Sequential(nn.Conv2d(c, c1, 5, padding=2), act(), nn.MaxPool2d(2),
+                             nn.Conv2d(c1, c2, 5, padding=pad2), act(), nn.MaxPool2d(2), nn.Flatten())
     flat = _flat_size(features, (c, h, w))
-    return nn.Sequential(*head, *features, nn.Linear(flat, 120), act(), nn.Linear(120, num_classes))
+    return nn.Sequential(*head, *features, nn.Linear(flat, hidden), act(), nn.Linear(hidden, num_classes))
 
 
 # --------------------------------------------------------------------------------------- biotorch zoo
