@@ -34,9 +34,10 @@ def cnn():
 
 FACTORIES = {"mlp": (mlp, (6,)), "deep_mlp": (deep_mlp, (6,)), "cnn": (cnn, (2, 5, 5))}
 
-#: (factory, mode, convert options): the gradient cases
+#: (factory, mode, convert options): the gradient cases (dfa on the all-ReLU cnn: radial="output" under auto)
 GRADIENT_CASES = [("mlp", m, {}) for m in ("bp", "fa", "usf", "brsf", "frsf", "dfa", "drtp")] + [
-    ("cnn", "fa", {}), ("cnn", "dfa", {}), ("cnn", "drtp", {}), ("cnn", "dfa", {"conv_feedback": "dense"}),
+    ("cnn", "fa", {}), ("cnn", "dfa", {}), ("cnn", "dfa", {"radial": "keep"}), ("cnn", "drtp", {}),
+    ("cnn", "dfa", {"conv_feedback": "dense"}),
     ("deep_mlp", "bwbpf", {"blocks": 2}), ("cnn", "bwbpf", {"blocks": 2}),
     ("deep_mlp", "bwbpf", {"blocks": 2, "layer_mode": "dfa"}), ("mlp", "pepita", {}),
 ]
