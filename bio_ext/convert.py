@@ -425,14 +425,17 @@ def _convert_planned(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec) -> n
     return root
 
 
-#: leaf module types through which the output is positively homogeneous in a layer's input (biases aside; BatchNorm
-#: nearly so for one example of a large batch): ``radial='auto'`` gives ``output`` only where every leaf is one
+#: leaf module types through which the output is positively homogeneous in a layer's input, biases aside:
+#: ``radial='auto'`` gives ``output`` only where every leaf is one. BatchNorm is among them although, for one example
+#: of a batch, it is affine rather than homogeneous; there, and across operations a forward writes itself (a ResNet's
+#: residual additions), ``<e, z>`` approximates the radial part (measured: BENCHMARKS.md, "Deep networks, fourth round")
 HOMOGENEOUS_TYPES: Tuple[type, ...] = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.MaxPool1d, nn.MaxPool2d,
     nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
     nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Dropout, nn.Dropout1d,
     nn.Dropout2d, nn.Dropout3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.BatchNorm1d, nn.BatchNorm2d,
-    nn.BatchNorm3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d)
+    nn.BatchNorm3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
 
 
 def not_homogeneous(model: nn.Module) -> List[str]:
