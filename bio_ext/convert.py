@@ -120,7 +120,9 @@ class BioExtState:
     def __setstate__(self, s):
         config = ConvertConfig.from_dict(s["config"])
         self.__init__(config, get_mode(s["mode"]), s["output_dim"], s["layer_names"], s["output_layer"],
-                      s.get("points", []), s.get("expected_output"), radial=s.get("radial", config.resolved_radial()))
+                      s.get("points", []), s.get("expected_output"),
+                      # pickled before ConvertConfig.radial: what it trained with (the projection, or tangential's)
+                      radial=s.get("radial", "drop" if config.resolved_radial() == "drop" else "keep"))
 
 
 def state_of(model: nn.Module) -> Optional[BioExtState]:

@@ -144,3 +144,15 @@ def test_the_resolved_radial_survives_deepcopy_and_pickle():
         s0, _, _ = _input_grads(model)
         for i in POINTS:
             torch.testing.assert_close(s1[i], s0[i])
+
+
+def test_a_model_pickled_before_radial_existed_keeps_the_projection_it_trained_with():
+    model = bio_ext.convert(_relu_convnet(), "dfa", seed=0)
+    state = bio_ext.state_of(model).__getstate__()
+    del state["radial"]
+    old = bio_ext.state_of(model).__class__.__new__(bio_ext.state_of(model).__class__)
+    old.__setstate__(state)
+    assert old.radial == "keep"
+    state["config"]["tangential"] = True
+    old.__setstate__(state)
+    assert old.radial == "drop"
