@@ -15,7 +15,7 @@ CONV_ERROR = ("norm", "mean", "sum")
 CONV_FEEDBACK = ("kernel", "dense", "factored")  # = bio_ext.functional.CONV_FEEDBACK
 GRANULARITY = ("layer", "macro", "micro")
 ERROR_AT = ("auto", "output", "head_input")
-RADIAL = ("auto", "keep", "drop", "output")  # = bio_ext.functional.RADIAL
+RADIAL = ("auto", "keep", "drop", "output")  # ConvertConfig.radial; bio_ext.session.FeedbackSession.shape_signal
 
 
 def unknown_keys(given: Iterable[str], valid: Iterable[str], *, kind: str = "key") -> List[Problem]:

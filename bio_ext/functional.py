@@ -252,11 +252,6 @@ def tangential(g: torch.Tensor, x: torch.Tensor, lead: int = 1) -> torch.Tensor:
     return (g2 - coef * x2).reshape(g.shape)
 
 
-#: what a direct-feedback layer does with the component of its injected signal along its own input
-#: (``ConvertConfig.radial``); ``auto`` is resolved by :func:`bio_ext.config.resolve_radial`
-RADIAL = ("auto", "keep", "drop", "output")
-
-
 def radial_statistics(e: torch.Tensor, z: torch.Tensor, examples: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per example: ``r_n = <e_n, z_n>`` and ``||e_n||``, from the output error ``e`` and the output ``z``
     (both ``rows x D``; the rows of one example, e.g. its tokens, are summed). ``r_n`` is the exact radial
@@ -267,8 +262,8 @@ def radial_statistics(e: torch.Tensor, z: torch.Tensor, examples: int) -> Tuple[
     e32, z32 = e.detach().to(dtype), z.detach().to(dtype).reshape(e.shape)
     r = (e32 * z32).sum(1)
     en = (e32 * e32).sum(1)
-    if examples and r.shape[0] != examples:
-        if examples <= 0 or r.shape[0] % examples:
+    if r.shape[0] != examples:
+        if r.shape[0] % examples:
             raise FeedbackSignalError(
                 f"radial='output': the output has {r.shape[0]} rows, not a multiple of the {examples} examples "
                 "at a layer's input; use radial='drop' or 'keep' for this model")
