@@ -436,8 +436,8 @@ HOMOGENEOUS_TYPES: Tuple[type, ...] = (
     nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
     nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Dropout, nn.Dropout1d,
     nn.Dropout2d, nn.Dropout3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.BatchNorm1d, nn.BatchNorm2d,
-    nn.BatchNorm3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
+    nn.BatchNorm3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+    nn.ConvTranspose3d, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
 
 
 def not_homogeneous(model: nn.Module) -> List[str]:

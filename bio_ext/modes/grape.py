@@ -160,11 +160,11 @@ CIFAR-10 subset: ``keep`` diverges within 60 steps, ``drop`` (the radial part re
 ``tangential=True``) only slows the growth, ``output`` holds the activity at its initial size and learns. On
 VGG-16-BN (BatchNorm is affine, not homogeneous, for one example) ``output`` is the only one of the three whose loss
 falls, though the classifier's activity stays above backprop's. On a VGG-16 with every width divided by 4, 800
-steps, 4 seeds: GrAPE 28.9 ± 1.7% against DFA 27.4 ± 2.0% (train loss lower in every seed), backprop 35.6%. Models with a saturating
-activation or a normalisation other than BatchNorm (tanh MLPs, transformers) keep the projection as it is under
-``auto``: there ``<e, z>`` is not the radial component (and the tanh MLPs measured do not diverge). GrAPE's cosine
-step is unchanged: it turns ``B`` toward the estimate of the whole gradient, and the layer injects the tangential
-part of ``e @ B`` with the radial part above.
+steps, 4 seeds: GrAPE 28.9 ± 1.7% against DFA 27.4 ± 2.0% (train loss lower in every seed), backprop 35.6%.
+Models with a saturating activation or a normalisation other than BatchNorm (tanh MLPs, transformers) keep the
+projection as it is under ``auto``: there ``<e, z>`` is not the radial component (and the tanh MLPs measured do not
+diverge). GrAPE's cosine step is unchanged: it turns ``B`` toward the estimate of the whole gradient, and the layer
+injects the tangential part of ``e @ B`` with the radial part above.
 
 After each step every layer holds ``layer.grape_cos``: the mini-batch cosine
 between its projected error and its forward-gradient estimate, before the update.
