@@ -6,7 +6,7 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import ConfigError, ConfigTypeError, Problem, UnknownModeError
 from .registry import INIT_SCHEMES, get_mode, mode_names
@@ -189,7 +189,7 @@ class ConvertConfig(RoundTrip):
         if problems:
             raise (ConfigError if options_ok else ConfigTypeError)(problems, what="bio_ext configuration")
 
-    def resolved_radial(self, not_homogeneous: Iterable[str] = ()) -> str:
+    def resolved_radial(self, not_homogeneous: Sequence[str] = ()) -> str:
         """``radial`` with ``auto`` and ``tangential`` resolved: ``keep``, ``drop`` or ``output`` (``keep`` for
         modes outside the direct family, which inject nothing). ``auto`` takes the mode's default, except that
         ``output`` falls back to ``keep`` when the model has modules that are not positively homogeneous
@@ -202,8 +202,8 @@ class ConvertConfig(RoundTrip):
             return "drop"
         if self.radial != "auto":
             return self.radial
-        default = getattr(spec.rule, "default_radial", "keep")
-        return "keep" if default == "output" and any(True for _ in not_homogeneous) else default
+        default = type(spec.rule).__dict__.get("default_radial", "keep")  # not inherited (FeedbackRule.default_radial)
+        return "keep" if default == "output" and not_homogeneous else default
 
     def validate_rest(self):
         problems = []

@@ -124,7 +124,8 @@ class FeedbackRule:
     """
 
     family: str = "local"
-    #: direct family: what ``ConvertConfig.radial='auto'`` resolves to for this mode (see there)
+    #: direct family: what ``ConvertConfig.radial='auto'`` resolves to for this mode (see there). Only a rule's
+    #: own class declares it: a rule derived from another is another method, measured (or not) on its own
     default_radial: str = "keep"
     #: whether :meth:`effective` must be recomputed at every forward
     dynamic: bool = False

@@ -20,6 +20,7 @@ class DirectFeedbackAlignment(FeedbackRule):
 
     traceable = True
     #: ConvertConfig.radial="auto": the true gradient's radial part, which keeps deep ReLU nets from diverging
+    #: (this class's own declaration: drtp, dkp and pepita derive from it and keep the projection as it is)
     default_radial = "output"
 
 
@@ -43,9 +44,6 @@ class DirectRandomTargetProjection(DirectFeedbackAlignment):
     rates carry over from ``dfa``. For losses other than cross-entropy over classes the
     recovered target is meaningless: use ``dfa`` there.
     """
-
-    #: ConvertConfig.radial='auto': the projection as it is (the radial rule was measured for dfa and grape only)
-    default_radial = "keep"
 
     transforms_error = True
 

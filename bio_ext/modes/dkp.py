@@ -126,9 +126,6 @@ def counterpart_gradient(layer, e: torch.Tensor, x: torch.Tensor, info=None) -> 
 class DirectKolenPollack(DirectFeedbackAlignment):
     """DKP (Webster, Choi & Ahn 2020). See :mod:`bio_ext.modes.dkp` for every definition."""
 
-    #: ConvertConfig.radial='auto': the projection as it is (the radial rule was measured for dfa and grape only)
-    default_radial = "keep"
-
     #: per-layer work in :meth:`enter` and in the backward (the activity kept, the feedback stepped)
     traceable = False
     transient_buffers = ("feedback_skips",)

@@ -104,9 +104,6 @@ CONV_SHAPE_ERROR = (
 class ForwardDirectFeedbackAlignment(GradientAlignedProjectedError):
     """FDFA (Bacho & Chu 2024). See :mod:`bio_ext.modes.fdfa` for every definition."""
 
-    #: ConvertConfig.radial='auto': the projection as it is (the radial rule was measured for dfa and grape only)
-    default_radial = "keep"
-
     traceable = False
     forward_gradient = True
     transient_buffers = ("feedback_skips",)

@@ -303,6 +303,9 @@ class _Forward:
 class GradientAlignedProjectedError(DirectFeedbackAlignment):
     """GrAPE (seed paper, Algorithm 1). See :mod:`bio_ext.modes.grape` for every definition."""
 
+    #: ConvertConfig.radial="auto": as dfa's (this class's own declaration: fdfa derives from it)
+    default_radial = "output"
+
     forward_gradient = True
     traceable = False
     transient_buffers = ("feedback_skips",)

@@ -249,9 +249,6 @@ class _Updates(Function):
 class Pepita(DirectFeedbackAlignment):
     """PEPITA (Dellaferrera & Kreiman 2022; Srinivasan et al. 2023). See :mod:`bio_ext.modes.pepita`."""
 
-    #: ConvertConfig.radial='auto': the projection as it is (the radial rule was measured for dfa and grape only)
-    default_radial = "keep"
-
     #: per-layer work in :meth:`enter`, a second forward in the backward
     traceable = False
 
