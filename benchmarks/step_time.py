@@ -11,6 +11,7 @@ plus weight gradients with no input-gradient products at all.
     python benchmarks/step_time.py --models mlp --modes grape,grape:directions=2,grape:directions=4
     python benchmarks/step_time.py --models cnn,resnet18 --modes dfa,dfa:conv_feedback=dense,dfa:conv_feedback=factored
     python benchmarks/step_time.py --compile --models mlp --modes fa,dfa   # compiled vs eager, per variant
+    python benchmarks/step_time.py --models mlp --modes grape --profile 10   # and where each variant's time goes
 
 A variant's ``key=value`` pairs are mode options, except the fields of ``bio_ext.ConvertConfig``
 (``conv_feedback``, ``tangential``, ...), which go to ``convert`` itself (the input shape that
@@ -164,8 +165,9 @@ def compiled_steps(steps: Dict[str, Callable[[], None]], models: Dict[str, nn.Mo
     return out
 
 
-def run(model_name: str, modes, *, rounds: int, per_round: int, warmup: int, device: torch.device,
-        with_biotorch: bool, with_floor: bool, compile_backend=None) -> Dict[str, float]:
+def build_steps(model_name: str, modes, *, device: torch.device, with_biotorch: bool, with_floor: bool,
+                compile_backend=None) -> Dict[str, Callable[[], None]]:
+    """One step function per variant (backprop first), each training its own copy of one model on one batch."""
     torch.manual_seed(0)
     base = MODELS[model_name]().to(device)
     shape, batch = INPUTS[model_name]
@@ -194,9 +196,35 @@ def run(model_name: str, modes, *, rounds: int, per_round: int, warmup: int, dev
                 logging.warning("biotorch %s on %s failed: %s: %s", mode, model_name, type(exc).__name__, exc)
     if compile_backend is not None:
         steps = compiled_steps(steps, models, x, y, compile_backend)
+    return steps
+
+
+def run(steps: Dict[str, Callable[[], None]], *, rounds: int, per_round: int, warmup: int,
+        device: torch.device) -> Dict[str, float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return interleaved_medians(steps, rounds=rounds, per_round=per_round, warmup=warmup, device=device)
+
+
+def profile_steps(steps: Dict[str, Callable[[], None]], n: int, top: int = 12) -> None:
+    """Print, per variant, the ``top`` ops by self time over ``n`` steps (``torch.profiler``), per step."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    for name, fn in steps.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fn()
+            with profile(activities=acts) as prof:
+                for _ in range(n):
+                    fn()
+        events = prof.key_averages()
+        key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        rows = sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)
+        total = sum(getattr(e, key, 0) for e in events) / 1e3 / n
+        print(f"\n#### profile: {name} ({n} steps, {key.replace('_', ' ')}: {total:.1f} ms per step)\n")
+        print("| op | calls per step | ms per step |\n|---|---:|---:|")
+        for e in rows[:top]:
+            print(f"| {e.key} | {e.count / n:g} | {getattr(e, key, 0) / 1e3 / n:.2f} |")
 
 
 def print_table(times: Dict[str, float], compiled: bool) -> None:
@@ -228,6 +256,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(model) of every variant")
     p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile N steps of each variant and print its top ops (torch.profiler)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     device = torch.device(args.device)
@@ -236,11 +266,14 @@ def main(argv=None) -> int:
     print(f"# step_time: {datetime.date.today()} on {hardware()}")
     for model_name in args.models.split(","):
         shape, batch = INPUTS[model_name]
-        times = run(model_name, modes, rounds=args.rounds, per_round=args.per_round, warmup=args.warmup,
-                    device=device, with_biotorch=not args.no_biotorch and _has_biotorch(),
-                    with_floor=not args.no_floor, compile_backend=args.compile_backend if args.compile else None)
+        steps = build_steps(model_name, modes, device=device, with_biotorch=not args.no_biotorch and _has_biotorch(),
+                            with_floor=not args.no_floor,
+                            compile_backend=args.compile_backend if args.compile else None)
+        times = run(steps, rounds=args.rounds, per_round=args.per_round, warmup=args.warmup, device=device)
         print(f"\n## {model_name}, batch {batch}, input {shape}\n")
         print_table(times, args.compile)
+        if args.profile:
+            profile_steps(steps, args.profile)
         bp = times["backprop"]
         results[model_name] = {k: {"ms": v * 1e3, "ratio": v / bp} for k, v in times.items()}
     if args.json:
