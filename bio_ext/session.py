@@ -321,18 +321,14 @@ class ErrorTap(Function):
     """
 
     @staticmethod
-    def forward(out: torch.Tensor, session: FeedbackSession, *points: torch.Tensor) -> torch.Tensor:
-        return out.view_as(out)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        session = inputs[1]
+    def forward(ctx, out: torch.Tensor, session: FeedbackSession, *points: torch.Tensor) -> torch.Tensor:
         n = len(session.point_slots)
         ctx.session = session
-        ctx.points = [(p.shape, slot) for p, slot in zip(inputs[2:2 + n], session.point_slots)]
+        ctx.points = [(p.shape, slot) for p, slot in zip(points[:n], session.point_slots)]
         ctx.traced = list(session.traced)
-        ctx.output = inputs[0].detach() if session.radial == "output" else None
-        ctx.save_for_backward(*inputs[2 + n:])
+        ctx.output = out.detach() if session.radial == "output" else None
+        ctx.save_for_backward(*points[n:])
+        return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -350,12 +346,9 @@ class LateInjection(Function):
     point recomputed by reentrant activation checkpointing, which the error tap never saw."""
 
     @staticmethod
-    def forward(out: torch.Tensor, session: FeedbackSession, slot: int) -> torch.Tensor:
+    def forward(ctx, out: torch.Tensor, session: FeedbackSession, slot: int) -> torch.Tensor:
+        ctx.session, ctx.slot, ctx.shape = session, slot, out.shape
         return out.view_as(out)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.session, ctx.slot, ctx.shape = inputs[1], inputs[2], inputs[0].shape
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

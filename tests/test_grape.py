@@ -83,6 +83,50 @@ def test_extra_directions_leave_batchnorm_stats_rng_and_dropout_masks_as_one_for
     assert torch.equal(after, torch.rand(3))  # the user's random stream continues as after one forward
 
 
+def _directions_run(model, reuse: bool, monkeypatch, steps=2):
+    """Feedback and weight gradients after ``steps`` GrAPE steps with 3 directions, with the replays reusing the
+    forward's Linear/Conv2d products (``reuse``) or recomputing them; and how many products each step ran."""
+    import sys
+    from bio_ext.modes.base import FeedbackRule
+    from bio_ext.modes.grape import GradientAlignedProjectedError as Grape
+    if not reuse:
+        monkeypatch.setattr(Grape, "primal_output", FeedbackRule.primal_output)
+    calls = []
+    for mod, fn in (("bio_ext.layers.linear", "LinearDirectFn"), ("bio_ext.layers.conv2d", "Conv2dDirectFn")):
+        cls = getattr(sys.modules[mod], fn)
+        monkeypatch.setattr(cls, "apply", (lambda apply: lambda *a: calls.append(1) or apply(*a))(cls.apply))
+    conv = bio_ext.convert(model, "grape", options={"directions": 3, "feedback_lr": 0.2, "momentum": 0.0}, seed=0)
+    torch.manual_seed(3)
+    x, y = torch.randn(4, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    for step in range(steps):
+        if step == 1:
+            calls.clear()  # the first forward also probes the output's size
+        conv.zero_grad()
+        F.cross_entropy(conv(x), y).backward()
+    monkeypatch.undo()
+    return conv, len(calls) // (steps - 1)
+
+
+def test_extra_directions_reuse_the_forwards_products_and_change_nothing(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3),
+                          nn.Conv2d(4, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(64, 8), nn.ReLU(),
+                          nn.Linear(8, 3)).double()
+    reused, n_reused = _directions_run(model, True, monkeypatch)
+    computed, n_computed = _directions_run(model, False, monkeypatch)
+    assert n_computed == 3 * n_reused == 3 * 4  # the replays ran no product of their own
+    for a, b in zip(reused.modules(), computed.modules()):
+        for name in ("feedback", "weight", "bias"):
+            ta, tb = getattr(a, name, None), getattr(b, name, None)
+            if isinstance(ta, torch.Tensor):
+                assert torch.equal(ta, tb), (a, name)
+                if isinstance(ta, nn.Parameter):
+                    assert torch.equal(ta.grad, tb.grad), (a, name)
+    # the feedback turned in both steps at every layer past the first (whose input is the data), so equal
+    # feedback means equal estimates
+    assert [int(m.feedback_steps) for m in reused.modules() if hasattr(m, "feedback_steps")] == [0, 2, 2, 2]
+
+
 def _alignment_run(model, make_batch, mode, steps=300):
     """Mean alignment of the hidden layers' injected signal before and after ``steps`` steps."""
     conv = bio_ext.convert(model, mode, seed=0)

@@ -33,15 +33,11 @@ class Conv2dLocalFn(Function):
     """``F.conv2d`` whose input gradient is the transposed convolution with ``feedback``."""
 
     @staticmethod
-    def forward(x, weight, bias, feedback, stride, padding, dilation, groups):
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, feedback, stride, padding, dilation, groups = inputs
+    def forward(ctx, x, weight, bias, feedback, stride, padding, dilation, groups):
         ctx.geom = (stride, padding, dilation, groups)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, feedback)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, g):
@@ -76,16 +72,12 @@ class Conv2dDirectFn(Function):
     """
 
     @staticmethod
-    def forward(x, weight, bias, session, slot, stride, padding, dilation, groups, spread):
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, session, slot, stride, padding, dilation, groups, spread = inputs
+    def forward(ctx, x, weight, bias, session, slot, stride, padding, dilation, groups, spread):
         ctx.geom = (stride, padding, dilation, groups)
         ctx.session, ctx.slot, ctx.spread, ctx.x_shape = session, slot, spread, x.shape
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, g):
@@ -278,7 +270,8 @@ class FeedbackConv2d(FeedbackLayer):
         xp, w, b = autocast_inputs(xp, self.weight, self.bias)
         if self.mode_spec.rule.forward_gradient:
             xp, tangent = fwAD.unpack_dual(xp)
-            out = Conv2dDirectFn.apply(xp, w, b, session, slot, *geom, spread)
+            out = self.mode_spec.rule.primal_output(
+                session, self, xp, lambda: Conv2dDirectFn.apply(xp, w, b, session, slot, *geom, spread))
             # the tangent computed here rather than by a custom Function's jvp (see FeedbackLinear.forward)
             return out if tangent is None else fwAD.make_dual(out, F.conv2d(tangent, w.detach(), None, *geom))
         return Conv2dDirectFn.apply(xp, w, b, session, slot, *geom, spread)

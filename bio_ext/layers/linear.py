@@ -9,6 +9,10 @@ Weight and bias gradients are always the ordinary ones, computed from the layer'
 
 The input gradient is computed only when autograd asks for it, so the first layer (whose
 input is data) pays for no projection.
+
+The Functions of bio_ext take ``ctx`` in ``forward`` rather than defining ``setup_context``: torch binds the
+arguments of a ``setup_context`` Function with ``inspect.signature`` on every call, which cost 55 µs per layer per
+step on the 2-core CPU (BENCHMARKS.md, "GrAPE's speed, second round"); tests/test_architecture.py keeps it so.
 """
 
 from __future__ import annotations
@@ -32,14 +36,10 @@ class LinearLocalFn(Function):
     """``F.linear`` whose input gradient is ``grad_output @ feedback``."""
 
     @staticmethod
-    def forward(x, weight, bias, feedback):
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, feedback = inputs
+    def forward(ctx, x, weight, bias, feedback):
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, feedback)
+        return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
@@ -69,16 +69,12 @@ class LinearDirectFn(Function):
     """``F.linear`` whose input gradient is the session's projection of the output error."""
 
     @staticmethod
-    def forward(x, weight, bias, session, slot, transposed=False):
-        return linear(x, weight, bias, transposed)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, session, slot = inputs[:5]
-        ctx.transposed = len(inputs) > 5 and inputs[5]
+    def forward(ctx, x, weight, bias, session, slot, transposed=False):
+        ctx.transposed = transposed
         ctx.has_bias = bias is not None
         ctx.session, ctx.slot, ctx.x_shape = session, slot, x.shape
         ctx.save_for_backward(x)
+        return linear(x, weight, bias, transposed)
 
     @staticmethod
     def backward(ctx, g):
@@ -135,7 +131,8 @@ class FeedbackLinear(FeedbackLayer):
         x, w, b = autocast_inputs(x, self.weight, self.bias)
         if self.mode_spec.rule.forward_gradient:
             x, tangent = fwAD.unpack_dual(x)
-            out = LinearDirectFn.apply(x, w, b, session, slot, self.transposed)
+            out = self.mode_spec.rule.primal_output(
+                session, self, x, lambda: LinearDirectFn.apply(x, w, b, session, slot, self.transposed))
             # the forward-mode tangent of the layer (the weights carry none: activity perturbation), computed here
             # rather than by a custom Function's jvp: forward AD would materialise zero tangents for the weight
             # and bias of every layer it runs through

@@ -181,6 +181,11 @@ class FeedbackRule:
             return -1, x
         return session.register_layer(layer, info), x
 
+    def primal_output(self, session, layer, x: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A converted Linear or Conv2d's output for input ``x`` (its primal): ``compute()``, the layer's product,
+        or what the rule already has for it (GrAPE's tangent-only replays reuse the real forward's products)."""
+        return compute()
+
     def on_output(self, session, output: torch.Tensor) -> torch.Tensor:
         """The model's output tensor, before the error tap: returns the tensor to tap."""
         return output

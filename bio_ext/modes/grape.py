@@ -215,8 +215,8 @@ import torch.nn as nn
 from .. import distributed
 from .._utils import rng
 from ..errors import FeedbackSignalError, Problem
-from ..session import FeedbackSession, activate, reset
-from . import levels
+from ..session import FeedbackSession
+from . import grape_replay, levels
 from .base import register_mode
 from .direct import DirectFeedbackAlignment
 from .grape_step import apply_step, batch_cosine, cosine_gradient, finite, projection_kind  # noqa: F401
@@ -263,7 +263,7 @@ class _Forward:
 
     __slots__ = ("perturbations", "out_tangent", "examples", "generator", "generator2", "replay", "replays", "main",
                  "cursor",
-                 "level", "counted", "sdpa", "only_slot", "cycle", "off", "seed", "group")
+                 "level", "counted", "sdpa", "only_slot", "cycle", "off", "seed", "group", "primals", "cursor_primal")
 
     def __init__(self, generator: Optional[torch.Generator] = None, main: Optional[FeedbackSession] = None) -> None:
         self.perturbations: List[Optional[torch.Tensor]] = []
@@ -296,6 +296,10 @@ class _Forward:
         self.seed: Optional[int] = None
         #: the process group the feedback steps are all-reduced over (:mod:`bio_ext.distributed`), or None
         self.group: Any = None
+        #: directions > 1: (layer, input shape, output) of each converted layer's product in the real forward, in call order,
+        #: which the tangent-only replays reuse (see primal_output); dropped once they have run
+        self.primals: Optional[List[Tuple[nn.Module, torch.Size, torch.Tensor]]] = None
+        self.cursor_primal = 0
 
 
 @register_mode("grape", family="direct",
@@ -357,6 +361,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             fwd.generator2 = torch.Generator(device=device).manual_seed(rng.derived_seed(seed))
         if directions > 1:
             fwd.replay = (module, args, kwargs, rng.capture(device), directions, device)
+            fwd.primals = []
         fwd.level, fwd.counted = levels.enter(module, args, kwargs)  # may refuse: before anything is entered
         from torch.nn.attention import SDPBackend, sdpa_kernel
         fwd.sdpa = sdpa_kernel([SDPBackend.MATH])
@@ -397,6 +402,10 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
         fwd.perturbations[slot] = u
         return fwAD.make_dual(primal, u if tangent is None else tangent + u)
 
+    def primal_output(self, session, layer, x, compute):
+        """With ``directions`` > 1 a replay reuses the real forward's products (:func:`.grape_replay.primal_output`)."""
+        return grape_replay.primal_output(session, layer, x, compute)
+
     def on_output(self, session, output):
         """Keep the output's tangent; the loss is computed from the primal, without tangents."""
         fwd = session.rule_state
@@ -423,43 +432,14 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             if fwd.replay is not None and output is not None and fwd.out_tangent is not None:
                 self._replay_directions(session)  # still inside this forward's session and dual level
         finally:
+            fwd.primals = None
             levels.leave(fwd.level, fwd.counted)
             fwd.sdpa.__exit__(None, None, None)
 
     @staticmethod
     def _replay_directions(session) -> None:
-        """``directions`` K > 1: K - 1 more forwards under no_grad that carry tangents only.
-
-        Each replays the forward with the global RNG state it started from (the same dropout masks) and
-        fresh perturbations from the forward's own generator; BatchNorm running statistics are restored
-        afterwards, and so is the global RNG, so the model and the user's random stream see one forward.
-        """
-        fwd = session.rule_state
-        module, args, kwargs, start, directions, device = fwd.replay
-        after = rng.capture(device)
-        norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
-        saved = [dict(m._buffers) for m in norms]
-        for m in norms:  # replays update copies: the originals are saved for the real backward, untouched
-            for k, b in m._buffers.items():
-                if b is not None:
-                    m._buffers[k] = b.clone()
-        try:
-            with torch.no_grad():
-                for _ in range(directions - 1):
-                    rng.restore(start)
-                    replay = FeedbackSession(session.bank, session.output_dim, session.rule, tangent_only=True)
-                    replay.rule_state = _Forward(fwd.generator, main=session)
-                    replay.rule_state.generator2 = fwd.generator2
-                    token = activate(replay)
-                    try:
-                        module.forward(*args, **kwargs)
-                    finally:
-                        reset(token)
-                    fwd.replays.append((replay.rule_state.perturbations, replay.rule_state.out_tangent))
-        finally:
-            for m, bufs in zip(norms, saved):
-                m._buffers.update(bufs)
-            rng.restore(after)
+        """``directions`` K > 1: K - 1 more forwards that carry tangents only (:func:`.grape_replay.replay`)."""
+        grape_replay.replay(session, lambda: _Forward(session.rule_state.generator, main=session))
 
     # ----------------------------------------------------------------- the backward: estimate, then turn B
 
@@ -505,9 +485,15 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
                         weights = weights.repeat_interleave(n // ex)
                     g = uk.to(wide).reshape(n, -1)
                 else:
+                    # the mean of d^k u^k over the directions, accumulated in place (no stack of K copies)
                     shape = (ex,) + (1,) * (u.dim() - 1)
-                    terms = [(uk.to(wide) * directions[id(t)].reshape(shape)).reshape(n, -1) for uk, t in pairs]
-                    g = terms[0] if len(terms) == 1 else torch.stack(terms).mean(0)
+                    (u0, t0), rest = pairs[0], pairs[1:]
+                    g = u0.to(wide) * directions[id(t0)].reshape(shape)
+                    for uk, t in rest:
+                        g.addcmul_(uk.to(wide), directions[id(t)].reshape(shape))
+                    if rest:
+                        g.div_(len(pairs))
+                    g = g.reshape(n, -1)
             if opts["feedback_target"] == "jacobian":
                 # B against the output's Jacobian: each direction's output tangent t = J u, projected
                 # through B as the error is, is compared with the perturbation u itself (E[t u^T] = J)

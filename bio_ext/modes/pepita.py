@@ -231,12 +231,9 @@ class _Updates(Function):
     PEPITA's second pass and returns the updates as their gradients."""
 
     @staticmethod
-    def forward(out, session, *params):
+    def forward(ctx, out, session, *params):
+        ctx.session = session
         return out.view_as(out)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.session = inputs[1]
 
     @staticmethod
     def backward(ctx, e):
