@@ -32,7 +32,7 @@ def test_forward_gradient_estimates_are_unbiased():
     assert F.cosine_similarity(single.reshape(-1), true[0].reshape(-1), dim=0) < 0.9
 
 
-def _estimate_errors(directions, draws):
+def _estimate_errors(directions, draws, distribution="normal"):
     """Squared distance of single-step estimates (with ``directions`` tangents) to the true gradient,
     and the mean estimate, on a fixed batch."""
     torch.manual_seed(0)
@@ -40,7 +40,7 @@ def _estimate_errors(directions, draws):
     x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
     true = list(bio_ext.input_gradients(model, x, y).values())[0]
     conv = bio_ext.convert(model, "grape", options={"feedback_lr": 0.0, "keep_estimate": True,
-                                                     "directions": directions})
+                                                     "directions": directions, "distribution": distribution})
     total, errs = torch.zeros_like(true), []
     for _ in range(draws):
         F.cross_entropy(conv(x), y).backward()
@@ -56,6 +56,21 @@ def test_more_tangent_directions_stay_unbiased_and_cut_the_variance():
     assert F.cosine_similarity(mean4.reshape(-1), true.reshape(-1), dim=0) > 0.95
     # independent directions: the mean squared error of one step falls as 1/K (here about 0.25)
     assert 0.15 < (err4 / err1).item() < 0.4, (err4 / err1).item()
+
+
+def test_rademacher_perturbations_are_signs_unbiased_and_less_noisy_than_normals():
+    err_normal, _, _ = _estimate_errors(1, 400)
+    err_signs, mean_signs, true = _estimate_errors(1, 2000, "rademacher")
+    assert F.cosine_similarity(mean_signs.reshape(-1), true.reshape(-1), dim=0) > 0.95
+    assert err_signs < err_normal  # no fourth-moment term: u_i^2 = 1
+    conv = bio_ext.convert(tanh_mlp((5, 6, 6, 3)), "grape", options={"keep_estimate": True, "feedback_lr": 0.0,
+                                                                     "distribution": "rademacher"})
+    x = torch.randn(4, 5, dtype=torch.float64)
+    F.cross_entropy(conv(x), torch.tensor([0, 1, 2, 0])).backward()
+    g = conv[2].forward_gradient.reshape(4, -1)  # d_n u_n: with signs, every entry of a row has |d_n|
+    assert torch.allclose(g.abs(), g.abs()[:, :1].expand_as(g)) and (g.abs() > 0).all()
+    with pytest.raises(errors.ConfigError, match="distribution"):
+        bio_ext.convert(tanh_mlp((5, 6, 3)), "grape", options={"distribution": "uniform"})
 
 
 def test_extra_directions_leave_batchnorm_stats_rng_and_dropout_masks_as_one_forward():

@@ -84,3 +84,22 @@ def normal(shape, dtype: torch.dtype, device, generator: torch.Generator,
     flat[:half].normal_(generator=generator)
     pending.result()
     return out
+
+
+_SHIFTS: Dict[torch.device, torch.Tensor] = {}
+
+
+def rademacher(shape, dtype: torch.dtype, device, generator: torch.Generator) -> torch.Tensor:
+    """Independent signs, -1 or +1 with probability 1/2 each, of ``shape``: each random byte gives eight of them
+    (one draw of ``ceil(n / 8)`` bytes, then shifts), about 2.5x faster than :func:`normal`'s draw on the CPU.
+    Like standard normals they have mean 0 and ``E[u u^T] = I``, so a forward gradient from them is unbiased."""
+    n = 1
+    for s in shape:
+        n *= s
+    device = torch.device(device)
+    shifts = _SHIFTS.get(device)
+    if shifts is None:
+        shifts = _SHIFTS[device] = torch.arange(8, dtype=torch.uint8, device=device)
+    words = torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8, device=device, generator=generator)
+    bits = (words.unsqueeze(1) >> shifts).bitwise_and_(1).reshape(-1)[:n]
+    return bits.to(dtype).mul_(2).sub_(1).reshape(shape)

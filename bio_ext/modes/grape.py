@@ -109,6 +109,12 @@ Options (``convert(model, "grape", options={...})``):
     it aligns each row's feedback with its own row's Jacobian (the cross-token terms are noise to it).
     Not the default: it departs from the seed's rule, and on VGG-16 it does not stop the divergence
     (same section). ``layer.grape_cos`` is then the cosine between ``t @ B_l`` and ``u_l``.
+``distribution`` (default ``"normal"``)
+    what the perturbations ``u_l`` are drawn from: ``"normal"``, standard normals (the seed's), or
+    ``"rademacher"``, independent signs +-1. Both have mean 0 and ``E[u u^T] = I``, so the estimate is unbiased
+    with either (tested); with signs it has the smaller variance (``u_i^2 = 1``: no fourth-moment term), and they
+    cost a third of the normals' draw on the CPU (eight per random byte, :func:`bio_ext._utils.rng.rademacher`;
+    step times in BENCHMARKS.md, "GrAPE's speed, second round").
 ``keep_estimate`` (default False)
     keep the last ``g_l`` on each layer as ``layer.forward_gradient`` (for analysis).
 
@@ -226,7 +232,7 @@ _CYCLES: "weakref.WeakKeyDictionary[nn.Module, List[int]]" = weakref.WeakKeyDict
 
 DEFAULTS: Dict[str, Any] = {"feedback_lr": 0.05, "feedback_lr_halflife": 500, "momentum": 0.9, "directions": 1,
                             "perturbation": "input", "keep_estimate": False, "perturb_layers": "all",
-                            "feedback_target": "gradient"}
+                            "feedback_target": "gradient", "distribution": "normal"}
 
 
 def validate_options(options: Mapping[str, Any]) -> List[Problem]:
@@ -251,6 +257,9 @@ def validate_options(options: Mapping[str, Any]) -> List[Problem]:
     if options.get("feedback_target", "gradient") not in ("gradient", "jacobian"):
         problems.append(Problem("options.feedback_target",
                                 f"'gradient' or 'jacobian', got {options.get('feedback_target')!r}"))
+    if options.get("distribution", "normal") not in ("normal", "rademacher"):
+        problems.append(Problem("options.distribution",
+                                f"'normal' or 'rademacher', got {options.get('distribution')!r}"))
     if options.get("perturbation", "input") != "input":
         problems.append(Problem("options.perturbation", "only 'input' (the point where feedback is injected) is "
                                 f"implemented, got {options.get('perturbation')!r}"))
@@ -263,7 +272,8 @@ class _Forward:
 
     __slots__ = ("perturbations", "out_tangent", "examples", "generator", "generator2", "replay", "replays", "main",
                  "cursor",
-                 "level", "counted", "sdpa", "only_slot", "cycle", "off", "seed", "group", "primals", "cursor_primal")
+                 "level", "counted", "sdpa", "only_slot", "cycle", "off", "seed", "group", "primals", "cursor_primal",
+                 "distribution")
 
     def __init__(self, generator: Optional[torch.Generator] = None, main: Optional[FeedbackSession] = None) -> None:
         self.perturbations: List[Optional[torch.Tensor]] = []
@@ -300,6 +310,10 @@ class _Forward:
         #: which the tangent-only replays reuse (see primal_output); dropped once they have run
         self.primals: Optional[List[Tuple[nn.Module, torch.Size, torch.Tensor]]] = None
         self.cursor_primal = 0
+        #: the perturbations' distribution (option ``distribution``); a replay's is its real forward's
+        self.distribution = "normal" if main is None else main.rule_state.distribution
+        if main is not None:
+            self.generator2 = main.rule_state.generator2
 
 
 @register_mode("grape", family="direct",
@@ -350,6 +364,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
         # perturbation, so activation checkpointing's recompute (which restores the RNG and draws no
         # perturbation) recomputes the same dropout masks, and extra tangent directions can replay it
         directions = options.get("directions", 1)
+        fwd.distribution = options.get("distribution", "normal")
         device = next(module.parameters()).device
         seed = int(torch.randint(0, 2 ** 62, (1,)))
         fwd.group = distributed.feedback_group(module)
@@ -396,7 +411,10 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
         # drawn in at least float32 (under autocast the activations are bf16/fp16): the same draws as without
         # autocast, rounded to the activation's dtype
         draw = torch.promote_types(primal.dtype, torch.float32)
-        u = rng.normal(primal.shape, draw, primal.device, fwd.generator, fwd.generator2).to(primal.dtype)
+        if fwd.distribution == "rademacher":
+            u = rng.rademacher(primal.shape, primal.dtype, primal.device, fwd.generator)
+        else:
+            u = rng.normal(primal.shape, draw, primal.device, fwd.generator, fwd.generator2).to(primal.dtype)
         while len(fwd.perturbations) <= slot:
             fwd.perturbations.append(None)
         fwd.perturbations[slot] = u

@@ -36,7 +36,6 @@ def replay(session, make_state: Callable[[], object]) -> None:
                 rng.restore(start)
                 again = FeedbackSession(session.bank, session.output_dim, session.rule, tangent_only=True)
                 again.rule_state = make_state()
-                again.rule_state.generator2 = fwd.generator2
                 token = activate(again)
                 try:
                     module.forward(*args, **kwargs)
