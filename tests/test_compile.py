@@ -185,3 +185,17 @@ def test_step_time_compile_flag_runs():
                           "--compile", "--compile-backend", "aot_eager"], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(root), "PATH": ""})
     assert "compiled / eager" in out.stdout and "bio_ext fa" in out.stdout
+
+
+@pytest.mark.slow
+def test_step_time_profile_flag_prints_each_variants_top_ops():
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "step_time.py"), "--models", "mlp", "--modes",
+                          "grape", "--rounds", "1", "--per-round", "1", "--warmup", "0", "--no-biotorch",
+                          "--no-floor", "--profile", "1"], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(root), "PATH": ""})
+    assert "#### profile: backprop" in out.stdout and "#### profile: bio_ext grape" in out.stdout
+    assert "| aten::mm |" in out.stdout  # the products are among the top ops of every variant
