@@ -76,9 +76,12 @@ Options (``convert(model, "grape", options={...})``):
     draws fresh perturbations from a per-step generator, and updates copies of BatchNorm's
     running statistics that are thrown away; afterwards the RNG continues as after one forward.
     The estimate is the mean ``g_l = (1/K) sum_k d^k u_l^k``: still unbiased, with ``1/K`` of the
-    variance (both tested). Each replay is a forward with tangents (its cost is in BENCHMARKS.md), so
-    ``K = 1`` keeps the one-forward-one-backward cost the paper sells; the moving average
-    (``momentum``) is the free way to cut variance.
+    variance (both tested). A replay computes no Linear or Conv2d product of its own: it reuses the real
+    forward's outputs of those layers (the same function of the same inputs) and computes only their
+    tangent products and the elementwise ops between layers (:mod:`bio_ext.modes.grape_replay`; equal to
+    recomputing, tested). Its cost is in BENCHMARKS.md ("GrAPE's speed, second round"); ``K = 1`` keeps the
+    one-forward-one-backward cost the paper sells, and the moving average (``momentum``) is the free way to
+    cut variance.
 ``perturbation`` (default ``"input"``)
     where the perturbation is added: the layer input, i.e. the very tensor at which the feedback
     is injected, so ``g_l`` estimates the gradient that ``e @ B_l`` stands in for (with
