@@ -116,7 +116,7 @@ Options (``convert(model, "grape", options={...})``):
     what the perturbations ``u_l`` are drawn from: ``"normal"``, standard normals (the seed's), or
     ``"rademacher"``, independent signs +-1. Both have mean 0 and ``E[u u^T] = I``, so the estimate is unbiased
     with either (tested); with signs it has the smaller variance (``u_i^2 = 1``: no fourth-moment term), and they
-    cost a third of the normals' draw on the CPU (eight per random byte, :func:`bio_ext._utils.rng.rademacher`;
+    cost less than half the normals' draw on the CPU (eight per random byte, :func:`bio_ext._utils.rng.rademacher`;
     step times in BENCHMARKS.md, "GrAPE's speed, second round").
 ``keep_estimate`` (default False)
     keep the last ``g_l`` on each layer as ``layer.forward_gradient`` (for analysis).
@@ -309,8 +309,8 @@ class _Forward:
         self.seed: Optional[int] = None
         #: the process group the feedback steps are all-reduced over (:mod:`bio_ext.distributed`), or None
         self.group: Any = None
-        #: directions > 1: (layer, input shape, output) of each converted layer's product in the real forward, in call order,
-        #: which the tangent-only replays reuse (see primal_output); dropped once they have run
+        #: directions > 1: (layer, input shape, output) of each converted layer's product in the real forward, in
+        #: call order, which the tangent-only replays reuse (see primal_output); dropped once they have run
         self.primals: Optional[List[Tuple[nn.Module, torch.Size, torch.Tensor]]] = None
         self.cursor_primal = 0
         #: the perturbations' distribution (option ``distribution``); a replay's is its real forward's
