@@ -6,6 +6,7 @@ differ only in which generators they cover, which :func:`capture` takes as argum
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any, Dict, Optional
 
@@ -73,9 +74,7 @@ def normal(shape, dtype: torch.dtype, device, generator: torch.Generator,
     second from ``second`` in a worker thread at the same time, in about half the time when torch has two threads
     or more. The same generators give the same draws whatever the number of torch threads (a seeded run does not
     change with ``OMP_NUM_THREADS``)."""
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     if second is None or torch.device(device).type != "cpu" or n < PARALLEL_DRAW:
         return torch.randn(shape, dtype=dtype, device=device, generator=generator)
     out = torch.empty(shape, dtype=dtype, device=device)
@@ -93,9 +92,7 @@ def rademacher(shape, dtype: torch.dtype, device, generator: torch.Generator) ->
     """Independent signs, -1 or +1 with probability 1/2 each, of ``shape``: each random byte gives eight of them
     (one draw of ``ceil(n / 8)`` bytes, then shifts), about twice as fast as ``torch.randn`` on the CPU.
     Like standard normals they have mean 0 and ``E[u u^T] = I``, so a forward gradient from them is unbiased."""
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     device = torch.device(device)
     shifts = _SHIFTS.get(device)
     if shifts is None:

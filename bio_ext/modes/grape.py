@@ -278,14 +278,14 @@ class _Forward:
                  "level", "counted", "sdpa", "only_slot", "cycle", "off", "seed", "group", "primals", "cursor_primal",
                  "distribution")
 
-    def __init__(self, generator: Optional[torch.Generator] = None, main: Optional[FeedbackSession] = None) -> None:
+    def __init__(self, main: Optional[FeedbackSession] = None) -> None:
         self.perturbations: List[Optional[torch.Tensor]] = []
         self.out_tangent: Optional[torch.Tensor] = None
         #: examples in the output (its first dimension); the rows of ``out_tangent`` (e.g. the tokens of a
         #: sequence) are grouped by example for the directional derivative
         self.examples: Optional[int] = None
         #: draws the perturbations when set (several tangent directions: the global RNG must replay)
-        self.generator = generator
+        self.generator: Optional[torch.Generator] = None
         #: on the CPU, the generator of the second half of large draws (:func:`bio_ext._utils.rng.normal`)
         self.generator2: Optional[torch.Generator] = None
         #: (module, args, kwargs, rng state, directions, device) of the forward, to replay it
@@ -313,10 +313,11 @@ class _Forward:
         #: call order, which the tangent-only replays reuse (see primal_output); dropped once they have run
         self.primals: Optional[List[Tuple[nn.Module, torch.Size, torch.Tensor]]] = None
         self.cursor_primal = 0
-        #: the perturbations' distribution (option ``distribution``); a replay's is its real forward's
-        self.distribution = "normal" if main is None else main.rule_state.distribution
-        if main is not None:
-            self.generator2 = main.rule_state.generator2
+        #: the perturbations' distribution (option ``distribution``)
+        self.distribution = "normal"
+        if main is not None:  # a replay draws as its real forward does, from the same generators
+            real = main.rule_state
+            self.generator, self.generator2, self.distribution = real.generator, real.generator2, real.distribution
 
 
 @register_mode("grape", family="direct",
@@ -453,14 +454,14 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             if fwd.replay is not None and output is not None and fwd.out_tangent is not None:
                 self._replay_directions(session)  # still inside this forward's session and dual level
         finally:
-            fwd.primals = None
+            fwd.primals = None  # the products the replays reused (grape_replay.primal_output)
             levels.leave(fwd.level, fwd.counted)
             fwd.sdpa.__exit__(None, None, None)
 
     @staticmethod
     def _replay_directions(session) -> None:
         """``directions`` K > 1: K - 1 more forwards that carry tangents only (:func:`.grape_replay.replay`)."""
-        grape_replay.replay(session, lambda: _Forward(session.rule_state.generator, main=session))
+        grape_replay.replay(session, lambda: _Forward(main=session))
 
     # ----------------------------------------------------------------- the backward: estimate, then turn B
 

@@ -46,7 +46,6 @@ def replay(session, make_state: Callable[[], object]) -> None:
         for m, bufs in zip(norms, saved):
             m._buffers.update(bufs)
         rng.restore(after)
-        fwd.primals = None  # the products the replays reused (primal_output)
 
 
 def primal_output(session, layer, x: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -62,10 +61,9 @@ def primal_output(session, layer, x: torch.Tensor, compute: Callable[[], torch.T
     if fwd is None:
         return compute()
     if session.tangent_only:
-        main = getattr(fwd, "main", None)
-        if main is None:  # not a replay (convert's probe of the output)
+        if fwd.main is None:  # not a replay (convert's probe of the output)
             return compute()
-        cache = main.rule_state.primals
+        cache = fwd.main.rule_state.primals
         hit = cache[fwd.cursor_primal] if cache is not None and fwd.cursor_primal < len(cache) else None
         if hit is None or hit[0] is not layer or hit[1] != x.shape:
             fwd.cursor_primal = 1 << 62  # out of step with the real forward: compute from here on
@@ -73,6 +71,6 @@ def primal_output(session, layer, x: torch.Tensor, compute: Callable[[], torch.T
         fwd.cursor_primal += 1
         return hit[2]
     out = compute()
-    if getattr(fwd, "primals", None) is not None:
+    if fwd.primals is not None:
         fwd.primals.append((layer, x.shape, out.detach()))
     return out
