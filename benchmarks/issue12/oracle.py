@@ -1,0 +1,152 @@
+"""Issue 12: how much better than DFA can a perfectly aligned direct feedback make a deep conv net train?
+
+GrAPE turns each layer's feedback ``B_l`` toward the true gradient at the layer's input; the best any fixed linear map
+of the output error can do is the least-squares fit ``B_l* = argmin_B E||e B - g_l||^2`` over the data. This script
+trains with ``B_l`` *set* to that fit every step (``--feedback oracle``: an upper bound on what GrAPE's alignment can
+buy; it cheats, with one backprop pass per step to measure ``g_l``), or with DFA's fixed random ``B`` (``--feedback
+random``), under the same defaults otherwise (conv_feedback dense, radial auto). The fit is a running one: ``S_ee`` and
+``S_eg`` (the error's Gram matrix and its cross-products with the true gradients) decay by ``--beta`` per step, and
+``B* = (S_ee + ridge I)^-1 S_eg``. Prints the train loss, test accuracy and, per layer, the cosine between ``e B`` and the
+true gradient over each batch (measured before the batch enters the fit: held out).
+
+    BIO_EXT_CIFAR10_ROOT=<pickles> python benchmarks/issue12/oracle.py --width 4 --n 6400 --epochs 8 --feedback oracle
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+import bio_ext  # noqa: E402
+from bio_ext.benchmark.data import load_dataset  # noqa: E402
+from bio_ext.convert import feedback_layers  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("--width", type=int, default=4)
+p.add_argument("--n", type=int, default=6400)
+p.add_argument("--epochs", type=int, default=8)
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--bs", type=int, default=64)
+p.add_argument("--lr", type=float, default=1e-4)
+p.add_argument("--feedback", choices=("oracle", "random", "bp"), default="oracle")
+p.add_argument("--mode", default="dfa")
+p.add_argument("--conv-feedback", default="dense")
+p.add_argument("--beta", type=float, default=0.98)
+p.add_argument("--ridge", type=float, default=1e-3)
+p.add_argument("--ntest", type=int, default=1000)
+p.add_argument("--options", default="{}")
+a = p.parse_args()
+torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+
+b = load_dataset("cifar10", os.environ["BIO_EXT_CIFAR10_ROOT"], val_fraction=0.0, seed=a.seed, limit=a.n)
+xs = torch.stack([b.train[i][0] for i in range(len(b.train))])
+ys = torch.tensor([int(b.train[i][1]) for i in range(len(b.train))])
+xt = torch.stack([b.test[i][0] for i in range(a.ntest)])
+yt = torch.tensor([int(b.test[i][1]) for i in range(a.ntest)])
+
+from torchvision.models.vgg import VGG, cfgs, make_layers  # noqa: E402
+
+torch.manual_seed(a.seed)
+model = VGG(make_layers([c if c == "M" else c // a.width for c in cfgs["D"]]), num_classes=10)
+c, h = 512 // a.width, 4096 // a.width
+model.classifier = nn.Sequential(nn.Linear(c * 49, h), nn.ReLU(True), nn.Dropout(0.5), nn.Linear(h, h),
+                                 nn.ReLU(True), nn.Dropout(0.5), nn.Linear(h, 10))
+for m in model.classifier:
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, 0, 0.01)
+        nn.init.constant_(m.bias, 0)
+plain = copy.deepcopy(model)
+if a.feedback != "bp":
+    model = bio_ext.convert(model, a.mode, seed=a.seed, conv_feedback=a.conv_feedback, input_shape=(3, 32, 32),
+                            options=json.loads(a.options))
+    layers = dict(feedback_layers(model))
+else:
+    layers = {}
+opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+
+# the true gradient at each converted layer's input, from the plain network with the converted one's parameters
+captured = {}
+
+
+def _capture(name):
+    def hook(mod, args):
+        x = args[0]
+        if x.requires_grad:
+            captured[name] = x
+    return hook
+
+
+for name, mod in plain.named_modules():
+    if name in layers:
+        mod.register_forward_pre_hook(_capture(name))
+S_ee = torch.zeros(10, 10)
+S_eg = {}
+cos_sum, cos_n = {}, 0
+
+
+def true_gradients(x, y):
+    captured.clear()
+    params = dict(model.named_parameters())
+    out = torch.func.functional_call(plain, params, (x,))
+    names = list(captured)
+    grads = torch.autograd.grad(F.cross_entropy(out, y), [out] + [captured[n] for n in names])
+    return grads[0].detach(), dict(zip(names, (g.detach() for g in grads[1:])))
+
+
+g_gen = torch.Generator().manual_seed(a.seed)
+step = 0
+print("ARGS", vars(a), flush=True)
+for ep in range(a.epochs):
+    model.train()
+    plain.train()
+    perm = torch.randperm(len(xs), generator=g_gen)
+    tot = cnt = 0.0
+    for i in range(0, len(xs), a.bs):
+        idx = perm[i:i + a.bs]
+        x, y = xs[idx], ys[idx]
+        if layers:
+            e, grads = true_gradients(x, y)
+            n = e.shape[0]
+            for name, g in grads.items():
+                lay = layers[name]
+                fb = lay.feedback
+                if g.dim() == 4 and fb.dim() == 4 and fb.shape[-2:] != g.shape[-2:]:  # dense: the padded grid
+                    ph, pw = (fb.shape[-2] - g.shape[-2]) // 2, (fb.shape[-1] - g.shape[-1]) // 2
+                    g = F.pad(g, (pw, pw, ph, ph))
+                g2 = g.reshape(n, -1)
+                if fb.numel() == 10 * g2.shape[1]:  # held-out cosine of the current feedback with the truth
+                    pe = e @ fb.reshape(10, -1)
+                    cos = float((pe * g2).sum() / (pe.norm() * g2.norm()).clamp_min(1e-30))
+                    cos_sum[name] = cos_sum.get(name, 0.0) + cos
+                if a.feedback == "oracle":
+                    S_eg[name] = a.beta * S_eg.get(name, torch.zeros(10, g2.shape[1])) + e.T @ g2
+            cos_n += 1
+            if a.feedback == "oracle":
+                S_ee = a.beta * S_ee + e.T @ e
+                reg = S_ee + a.ridge * S_ee.diagonal().mean() * torch.eye(10)
+                with torch.no_grad():
+                    for name, s in S_eg.items():
+                        fb = layers[name].feedback
+                        if fb.numel() == s.numel():
+                            bstar = torch.linalg.solve(reg, s)
+                            fb.copy_((bstar * (fb.norm() / bstar.norm().clamp_min(1e-30))).reshape(fb.shape))
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        tot += float(loss.detach()) * len(idx)
+        cnt += len(idx)
+    model.eval()
+    with torch.no_grad():
+        acc = sum(int((model(xt[j:j + 250]).argmax(1) == yt[j:j + 250]).sum()) for j in range(0, a.ntest, 250))
+    print(f"EPOCH {ep + 1} step {step} train_loss {tot / cnt:.3f} test_acc {100 * acc / a.ntest:.1f}", flush=True)
+    if cos_n:
+        print("  cos(eB, true g) per layer", json.dumps({k: round(v / cos_n, 3) for k, v in cos_sum.items()}), flush=True)
+        cos_sum, cos_n = {}, 0
