@@ -6,8 +6,8 @@ trains with ``B_l`` *set* to that fit every step (``--feedback oracle``: an uppe
 buy; it cheats, with one backprop pass per step to measure ``g_l``), or with DFA's fixed random ``B`` (``--feedback
 random``), under the same defaults otherwise (conv_feedback dense, radial auto). The fit is a running one: ``S_ee`` and
 ``S_eg`` (the error's Gram matrix and its cross-products with the true gradients) decay by ``--beta`` per step, and
-``B* = (S_ee + ridge I)^-1 S_eg``. Prints the train loss, test accuracy and, per layer, the cosine between ``e B`` and the
-true gradient over each batch (measured before the batch enters the fit: held out).
+``B* = (S_ee + ridge I)^-1 S_eg``. Prints the train loss, test accuracy and, per layer, the cosine between ``e B``
+and the true gradient over each batch (measured before the batch enters the fit: held out).
 
     BIO_EXT_CIFAR10_ROOT=<pickles> python benchmarks/issue12/oracle.py --width 4 --n 6400 --epochs 8 --feedback oracle
 """
@@ -36,8 +36,10 @@ p.add_argument("--lr", type=float, default=1e-4)
 p.add_argument("--feedback", choices=("oracle", "random", "bp"), default="oracle")
 p.add_argument("--mode", default="dfa")
 p.add_argument("--conv-feedback", default="dense")
+p.add_argument("--radial", default="auto")
 p.add_argument("--beta", type=float, default=0.98)
 p.add_argument("--ridge", type=float, default=1e-3)
+p.add_argument("--freeze-after", type=int, default=0, help="oracle: stop refitting after this many steps (0: never)")
 p.add_argument("--ntest", type=int, default=1000)
 p.add_argument("--options", default="{}")
 a = p.parse_args()
@@ -63,7 +65,7 @@ for m in model.classifier:
 plain = copy.deepcopy(model)
 if a.feedback != "bp":
     model = bio_ext.convert(model, a.mode, seed=a.seed, conv_feedback=a.conv_feedback, input_shape=(3, 32, 32),
-                            options=json.loads(a.options))
+                            radial=a.radial, options=json.loads(a.options))
     layers = dict(feedback_layers(model))
 else:
     layers = {}
@@ -126,7 +128,7 @@ for ep in range(a.epochs):
                 if a.feedback == "oracle":
                     S_eg[name] = a.beta * S_eg.get(name, torch.zeros(10, g2.shape[1])) + e.T @ g2
             cos_n += 1
-            if a.feedback == "oracle":
+            if a.feedback == "oracle" and not (a.freeze_after and step >= a.freeze_after):
                 S_ee = a.beta * S_ee + e.T @ e
                 reg = S_ee + a.ridge * S_ee.diagonal().mean() * torch.eye(10)
                 with torch.no_grad():
@@ -148,5 +150,6 @@ for ep in range(a.epochs):
         acc = sum(int((model(xt[j:j + 250]).argmax(1) == yt[j:j + 250]).sum()) for j in range(0, a.ntest, 250))
     print(f"EPOCH {ep + 1} step {step} train_loss {tot / cnt:.3f} test_acc {100 * acc / a.ntest:.1f}", flush=True)
     if cos_n:
-        print("  cos(eB, true g) per layer", json.dumps({k: round(v / cos_n, 3) for k, v in cos_sum.items()}), flush=True)
+        cosines = {k: round(v / cos_n, 3) for k, v in cos_sum.items()}
+        print("  cos(eB, true g) per layer", json.dumps(cosines), flush=True)
         cos_sum, cos_n = {}, 0
