@@ -81,3 +81,20 @@ def test_grape_in_two_threads_at_once():
     for i in range(2):
         assert all(steps == 2 and torch.isfinite(fb).all() for steps, fb in results[i])
     assert fwAD._current_level == -1
+
+
+def test_first_grape_forward_of_a_process_emits_no_torch_jit_future_warning():
+    """torch loads its forward-AD decompositions at the first make_dual and (2.14) warns that torch.jit.script is
+    deprecated: torch's internals, nothing a user can change, so GrAPE loads them quietly. A fresh process is needed
+    (the load happens once per process); its warnings are turned into errors."""
+    import subprocess
+    import sys
+
+    code = ("import torch, torch.nn as nn, bio_ext\n"
+            "m = bio_ext.convert(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), 'grape')\n"
+            "m(torch.randn(5, 4)).sum().backward()\n"
+            "print('stepped', int(m[2].feedback_steps))\n")
+    out = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "stepped 1" in out.stdout

@@ -22,6 +22,7 @@ be used by two threads at the same time.
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Any, Iterable, Tuple
 
 import torch
@@ -30,7 +31,23 @@ import torch.autograd.forward_ad as fwAD
 from ..errors import NestedForwardADError
 
 _LOCK = threading.Lock()
-_OURS = {"level": None, "forwards": 0}
+_OURS = {"level": None, "forwards": 0, "decompositions": False}
+
+
+def _load_decompositions() -> None:
+    """Load torch's forward-AD decompositions once, without the ``torch.jit.script`` FutureWarning they emit.
+
+    torch loads them at the first ``fwAD.make_dual`` of the process, and (torch 2.14) that import scripts its
+    decompositions with ``torch.jit.script``, which warns that it is deprecated: a warning about torch's own
+    internals that every GrAPE user would see at the first forward, with nothing for them to change."""
+    if _OURS["decompositions"]:
+        return
+    _OURS["decompositions"] = True
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+        load = getattr(fwAD, "_maybe_load_decompositions", None)  # private: absent from other torch versions
+        if load is not None:
+            load()
 
 
 def _tensors(values: Iterable[Any]):
@@ -51,6 +68,7 @@ def _carries_tangents(module, args, kwargs) -> bool:
 def enter(module, args, kwargs) -> Tuple[int, bool]:
     """The level for a GrAPE forward of ``module``, and whether GrAPE counts it (to close it in :func:`leave`)."""
     with _LOCK:
+        _load_decompositions()
         if _OURS["forwards"]:
             _OURS["forwards"] += 1
             return _OURS["level"], True
