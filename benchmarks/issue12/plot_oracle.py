@@ -1,5 +1,6 @@
 """Plot what ``oracle.py`` printed: test accuracy by epoch, and the cosine between each layer's projected error and the
-true gradient (mean over the convolutions, and the last hidden Linear), one line per run.
+true gradient (mean over the convolutions, and the last hidden Linear's input). Runs that differ only in ``--seed``
+are one line (their mean; the band spans their lowest and highest), labelled with the number of seeds.
 
     python benchmarks/issue12/plot_oracle.py OUT.png LOG [LOG ...]   # a LOG holds one or more runs ("=== " headers)
 """
@@ -13,39 +14,71 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def pretty(label: str) -> str:
+    """oracle.py's arguments as words: 'grape, dense, jacobian target', 'dfa, dense, B = oracle fit', ..."""
+    if "--feedback bp" in label:
+        return "backprop"
+    mode = re.search(r"--mode (\w+)", label)
+    words = [mode.group(1) if mode else "dfa"]
+    shape = re.search(r"--conv-feedback (\w+)", label)
+    words.append(shape.group(1) if shape else "dense")
+    if "--feedback oracle" in label:
+        frozen = re.search(r"--freeze-after (\d+)", label)
+        words.append(f"B = least-squares fit{f' (frozen after {frozen.group(1)} steps)' if frozen else ''}")
+    if "jacobian" in label:
+        words.append("jacobian target")
+    radial = re.search(r"--radial (\w+)", label)
+    if radial:
+        words.append(f"radial {radial.group(1)}")
+    return ", ".join(words)
+
+
 def runs(path):
-    """[(label, [test acc by epoch], [mean conv cosine by epoch], [classifier.3 cosine by epoch])] of one log."""
-    out, cur = [], None
+    """{label without the seed: [(test acc by epoch, mean conv cosine by epoch, classifier.3 cosine by epoch)]}."""
+    out, cur = {}, None
     for line in open(path):
         if line.startswith("=== "):
-            cur = (line[4:].strip() or "run", [], [], [])
-            out.append(cur)
+            label = pretty(re.sub(r"\s*--seed \d+", "", line[4:].strip()))
+            cur = ([], [], [])
+            out.setdefault(label, []).append(cur)
         elif line.startswith("EPOCH") and cur is not None:
-            cur[1].append(float(re.search(r"test_acc ([\d.]+)", line).group(1)))
+            cur[0].append(float(re.search(r"test_acc ([\d.]+)", line).group(1)))
         elif line.strip().startswith("cos(eB") and cur is not None:
             cos = json.loads(line.split("layer", 1)[1])
             conv = [v for k, v in cos.items() if k.startswith("features")]
-            cur[2].append(sum(conv) / len(conv) if conv else float("nan"))
-            cur[3].append(cos.get("classifier.3", float("nan")))
+            cur[1].append(sum(conv) / len(conv) if conv else float("nan"))
+            cur[2].append(cos.get("classifier.3", float("nan")))
     return out
 
 
 def main(out_png, *logs):
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    groups = {}
+    for path in logs:
+        for label, rs in runs(path).items():
+            groups.setdefault(label, []).extend(r for r in rs if len(r[0]) == 8)  # finished runs only
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    every = [run for path in logs for run in runs(path)]
-    for i, (label, acc, conv, lin) in enumerate(every):  # one colour per run in every panel
-        style = dict(marker="o", color=colours[i % len(colours)], linestyle="-" if i < len(colours) else "--")
-        axes[0].plot(range(1, len(acc) + 1), acc, label=label, **style)
-        axes[1].plot(range(1, len(conv) + 1), conv, **style)
-        axes[2].plot(range(1, len(lin) + 1), lin, **style)
-    axes[0].set(xlabel="epoch (100 steps)", ylabel="test accuracy % (1,000 images)", title="VGG-16/4, CIFAR-10 subset")
+    for i, (label, rs) in enumerate(sorted((k, v) for k, v in groups.items() if v)):
+        colour = colours[i % len(colours)]
+        for ax, k in zip(axes, range(3)):
+            series = [r[k] for r in rs if r[k]]
+            if not series:
+                continue
+            epochs = range(1, len(series[0]) + 1)
+            cols = list(zip(*series))
+            ax.plot(epochs, [sum(c) / len(c) for c in cols], marker="o", color=colour,
+                    label=f"{label} ({len(series)} seed{'s' if len(series) > 1 else ''})")
+            if len(series) > 1:
+                ax.fill_between(epochs, [min(c) for c in cols], [max(c) for c in cols], color=colour, alpha=0.12)
+    axes[0].set(xlabel="epoch (100 steps)", ylabel="test accuracy % (1,000 images)",
+                title="VGG-16/4, CIFAR-10 (6,400 images), Adam 1e-4")
     axes[1].set(xlabel="epoch", ylabel="cosine", title="cos(e B, true gradient), mean over the 12 convolutions")
     axes[2].set(xlabel="epoch", ylabel="cosine", title="cos(e B, true gradient), classifier.3's input")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     fig.savefig(out_png, dpi=110)
 
 
