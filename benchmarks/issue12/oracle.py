@@ -2,11 +2,11 @@
 
 GrAPE turns each layer's feedback ``B_l`` toward the true gradient at the layer's input; the best any fixed linear map
 of the output error can do is the least-squares fit ``B_l* = argmin_B E||e B - g_l||^2`` over the data. This script
-trains with ``B_l`` *set* to that fit every step (``--feedback oracle``: an upper bound on what GrAPE's alignment can
-buy; it cheats, with one backprop pass per step to measure ``g_l``), or with DFA's fixed random ``B`` (``--feedback
-random``), under the same defaults otherwise (conv_feedback dense, radial auto). The fit is a running one: ``S_ee`` and
-``S_eg`` (the error's Gram matrix and its cross-products with the true gradients) decay by ``--beta`` per step, and
-``B* = (S_ee + ridge I)^-1 S_eg``. Prints the train loss, test accuracy and, per layer, the cosine between ``e B``
+trains with ``B_l`` *set* to that fit every step (``--feedback oracle``: what GrAPE's alignment would give if it were
+perfect and instant; it cheats, with one backprop pass per step to measure ``g_l``), or with DFA's fixed random ``B``
+(``--feedback random``; ``--mode grape``: GrAPE's own), under the same defaults otherwise (conv_feedback dense, radial
+auto). The fit is a running one: ``S_ee`` and ``S_eg`` (the error's Gram matrix and its cross-products with the true
+gradients) decay by ``--beta`` per step, and ``B* = (S_ee + ridge I)^-1 S_eg``. Prints the train loss, test accuracy and, per layer, the cosine between ``e B``
 and the true gradient over each batch (measured before the batch enters the fit: held out).
 
     BIO_EXT_CIFAR10_ROOT=<pickles> python benchmarks/issue12/oracle.py --width 4 --n 6400 --epochs 8 --feedback oracle
