@@ -8,6 +8,7 @@ import bio_ext
 from bio_ext.benchmark.data import load_dataset
 from bio_ext.benchmark.models import build_model
 from bio_ext.convert import feedback_layers
+from narrow import as_tensors, narrow_vgg  # benchmarks/issue12/narrow.py
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="vgg16"); p.add_argument("--mode", default="dfa")
@@ -61,17 +62,7 @@ torch.manual_seed(a.seed)
 ishape = (3, a.size, a.size) if a.dataset == "cifar10" else tuple(b.input_shape)
 model = build_model(a.model, num_classes=10, input_shape=ishape, **json.loads(a.kwargs))
 if a.width > 1:  # the same depth and layout with every width divided by --width (cheap proxy for long runs)
-    from torchvision.models.vgg import VGG, make_layers, cfgs
-    cfg = {"vgg16": "D", "vgg16_bn": "D", "vgg11": "A"}[a.model]
-    torch.manual_seed(a.seed)
-    model = VGG(make_layers([c if c == "M" else c // a.width for c in cfgs[cfg]], batch_norm=a.model.endswith("_bn")),
-                num_classes=10)
-    c, h = 512 // a.width, 4096 // a.width
-    model.classifier = nn.Sequential(nn.Linear(c * 49, h), nn.ReLU(True), nn.Dropout(0.5), nn.Linear(h, h),
-                                     nn.ReLU(True), nn.Dropout(0.5), nn.Linear(h, 10))
-    for m in model.classifier:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01); nn.init.constant_(m.bias, 0)
+    model = narrow_vgg(a.model, a.width, a.seed)
 kw = json.loads(a.convert); opts = json.loads(a.options)
 if a.mode != "bp":
     if kw.get("conv_feedback", "kernel") != "kernel":
@@ -99,8 +90,7 @@ opt = torch.optim.Adam(model.parameters(), lr=a.lr)
 w0 = {n: m.weight.detach().norm() for n, m in layers}
 g = torch.Generator().manual_seed(a.seed)
 X, Y = b.train.x if hasattr(b.train, "x") else None, None
-xs = torch.stack([b.train[i][0] for i in range(len(b.train))]); ys = torch.tensor([int(b.train[i][1]) for i in range(len(b.train))])
-xt = torch.stack([b.test[i][0] for i in range(a.ntest)]); yt = torch.tensor([int(b.test[i][1]) for i in range(a.ntest)])
+xs, ys, xt, yt = as_tensors(b, a.ntest)
 if a.size != 32:
     xs = F.interpolate(xs, size=(a.size, a.size), mode="bilinear", align_corners=False)
     xt = F.interpolate(xt, size=(a.size, a.size), mode="bilinear", align_corners=False)

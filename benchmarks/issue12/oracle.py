@@ -6,8 +6,9 @@ trains with ``B_l`` *set* to that fit every step (``--feedback oracle``: what Gr
 perfect and instant; it cheats, with one backprop pass per step to measure ``g_l``), or with DFA's fixed random ``B``
 (``--feedback random``; ``--mode grape``: GrAPE's own), under the same defaults otherwise (conv_feedback dense, radial
 auto). The fit is a running one: ``S_ee`` and ``S_eg`` (the error's Gram matrix and its cross-products with the true
-gradients) decay by ``--beta`` per step, and ``B* = (S_ee + ridge I)^-1 S_eg``. Prints the train loss, test accuracy and, per layer, the cosine between ``e B``
-and the true gradient over each batch (measured before the batch enters the fit: held out).
+gradients) decay by ``--beta`` per step, and ``B* = (S_ee + ridge I)^-1 S_eg``. Prints the train loss, test accuracy
+and, per layer, the cosine between ``e B`` and the true gradient over each batch (measured before the batch enters the
+fit: held out).
 
     BIO_EXT_CIFAR10_ROOT=<pickles> python benchmarks/issue12/oracle.py --width 4 --n 6400 --epochs 8 --feedback oracle
 """
@@ -18,13 +19,13 @@ import os
 import sys
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import bio_ext  # noqa: E402
 from bio_ext.benchmark.data import load_dataset  # noqa: E402
 from bio_ext.convert import feedback_layers  # noqa: E402
+from narrow import as_tensors, narrow_vgg  # noqa: E402  (benchmarks/issue12/narrow.py)
 
 p = argparse.ArgumentParser()
 p.add_argument("--width", type=int, default=4)
@@ -46,22 +47,8 @@ a = p.parse_args()
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 
 b = load_dataset("cifar10", os.environ["BIO_EXT_CIFAR10_ROOT"], val_fraction=0.0, seed=a.seed, limit=a.n)
-xs = torch.stack([b.train[i][0] for i in range(len(b.train))])
-ys = torch.tensor([int(b.train[i][1]) for i in range(len(b.train))])
-xt = torch.stack([b.test[i][0] for i in range(a.ntest)])
-yt = torch.tensor([int(b.test[i][1]) for i in range(a.ntest)])
-
-from torchvision.models.vgg import VGG, cfgs, make_layers  # noqa: E402
-
-torch.manual_seed(a.seed)
-model = VGG(make_layers([c if c == "M" else c // a.width for c in cfgs["D"]]), num_classes=10)
-c, h = 512 // a.width, 4096 // a.width
-model.classifier = nn.Sequential(nn.Linear(c * 49, h), nn.ReLU(True), nn.Dropout(0.5), nn.Linear(h, h),
-                                 nn.ReLU(True), nn.Dropout(0.5), nn.Linear(h, 10))
-for m in model.classifier:
-    if isinstance(m, nn.Linear):
-        nn.init.normal_(m.weight, 0, 0.01)
-        nn.init.constant_(m.bias, 0)
+xs, ys, xt, yt = as_tensors(b, a.ntest)
+model = narrow_vgg("vgg16", a.width, a.seed)
 plain = copy.deepcopy(model)
 if a.feedback != "bp":
     model = bio_ext.convert(model, a.mode, seed=a.seed, conv_feedback=a.conv_feedback, input_shape=(3, 32, 32),
@@ -86,7 +73,7 @@ def _capture(name):
 for name, mod in plain.named_modules():
     if name in layers:
         mod.register_forward_pre_hook(_capture(name))
-S_ee = torch.zeros(10, 10)
+S_ee = None  # the running fit's sums (--feedback oracle), created at the first error
 S_eg = {}
 cos_sum, cos_n = {}, 0
 
@@ -113,7 +100,8 @@ for ep in range(a.epochs):
         x, y = xs[idx], ys[idx]
         if layers:
             e, grads = true_gradients(x, y)
-            n = e.shape[0]
+            n, d = e.shape
+            fitting = a.feedback == "oracle" and not (a.freeze_after and step >= a.freeze_after)
             for name, g in grads.items():
                 lay = layers[name]
                 fb = lay.feedback
@@ -121,16 +109,16 @@ for ep in range(a.epochs):
                     ph, pw = (fb.shape[-2] - g.shape[-2]) // 2, (fb.shape[-1] - g.shape[-1]) // 2
                     g = F.pad(g, (pw, pw, ph, ph))
                 g2 = g.reshape(n, -1)
-                if fb.numel() == 10 * g2.shape[1]:  # held-out cosine of the current feedback with the truth
-                    pe = e @ fb.reshape(10, -1)
+                if fb.numel() == d * g2.shape[1]:  # held-out cosine of the current feedback with the truth
+                    pe = e @ fb.reshape(d, -1)
                     cos = float((pe * g2).sum() / (pe.norm() * g2.norm()).clamp_min(1e-30))
                     cos_sum[name] = cos_sum.get(name, 0.0) + cos
-                if a.feedback == "oracle":
-                    S_eg[name] = a.beta * S_eg.get(name, torch.zeros(10, g2.shape[1])) + e.T @ g2
+                if fitting:
+                    S_eg[name] = a.beta * S_eg.get(name, torch.zeros(d, g2.shape[1])) + e.T @ g2
             cos_n += 1
-            if a.feedback == "oracle" and not (a.freeze_after and step >= a.freeze_after):
-                S_ee = a.beta * S_ee + e.T @ e
-                reg = S_ee + a.ridge * S_ee.diagonal().mean() * torch.eye(10)
+            if fitting:
+                S_ee = a.beta * (torch.zeros(d, d) if S_ee is None else S_ee) + e.T @ e
+                reg = S_ee + a.ridge * S_ee.diagonal().mean() * torch.eye(d)
                 with torch.no_grad():
                     for name, s in S_eg.items():
                         fb = layers[name].feedback

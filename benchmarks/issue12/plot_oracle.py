@@ -60,7 +60,7 @@ def main(out_png, *logs):
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, rs) in enumerate(sorted((k, v) for k, v in groups.items() if v)):
         colour = colours[i % len(colours)]
-        for ax, k in zip(axes, range(3)):
+        for k, ax in enumerate(axes):
             series = [r[k] for r in rs if r[k]]
             if not series:
                 continue
