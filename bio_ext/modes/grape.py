@@ -230,7 +230,7 @@ from ..session import FeedbackSession
 from . import grape_replay, levels
 from .base import register_mode
 from .direct import DirectFeedbackAlignment
-from .grape_step import apply_step, batch_cosine, cosine_gradient, finite, projection_kind  # noqa: F401
+from .grape_step import apply_step, apply_steps, batch_cosine, cosine_gradient, finite, projection_kind  # noqa: F401
 
 #: perturb_layers='cycle': per converted model, [forwards seen, slots of the last forward]
 _CYCLES: "weakref.WeakKeyDictionary[nn.Module, List[int]]" = weakref.WeakKeyDictionary()
@@ -485,6 +485,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
         directions = None  # (perturbations, d) per tangent direction, computed when a layer needs them
         synced = []  # under torch.distributed: the steps whose statistics are all-reduced together
         shared: Dict[Any, Any] = {}  # what the layers' steps share (the scaled error and its Gram matrix)
+        pending: List[Tuple] = []  # the layers' feedback steps, applied together at the end (apply_steps)
         for slot, layer in enumerate(session.layers):
             u = fwd.perturbations[slot] if slot < len(fwd.perturbations) else None
             if u is None or layer is None:
@@ -529,18 +530,21 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             if sync:
                 synced.append(call)
             else:
-                self.step(*call[:5], estimate=call[5], weights=weights, shared=shared)
+                self.step(*call[:5], estimate=call[5], weights=weights, shared=shared, pending=pending)
         if synced:
             self.step_synced(synced, fwd.group)
+        apply_steps(pending)
 
     @staticmethod
     def step(layer, e: torch.Tensor, g: torch.Tensor, info, opts, estimate: Optional[torch.Tensor] = None,
-             weights: Optional[torch.Tensor] = None, shared: Optional[dict] = None) -> None:
+             weights: Optional[torch.Tensor] = None, shared: Optional[dict] = None, pending: Optional[list] = None
+             ) -> None:
         """Turn ``layer.feedback`` up the gradient of the mini-batch cosine between ``e`` projected through
         it and ``g`` (the error and the gradient estimate, or the output tangent and the perturbation);
         ``weights`` (one per row): the estimate is ``weights[:, None] * g`` (GrAPE's ``d_n u_n``, never formed);
         ``estimate`` is what ``keep_estimate`` keeps when ``g`` is not the gradient estimate; ``shared``: what
-        the steps of one backward share (:func:`~bio_ext.modes.grape_step.scaled_error`)."""
+        the steps of one backward share (:func:`~bio_ext.modes.grape_step.scaled_error`); ``pending``: a list the
+        step is appended to, for :func:`~bio_ext.modes.grape_step.apply_steps` (None: applied now)."""
         fb = layer.feedback
         # in the wider of the error's and the feedback's dtypes, autocast off: under mixed precision the error
         # is bf16/fp16, the feedback (and its step) stays in its own dtype
@@ -557,20 +561,24 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             lr, mom, half = opts["feedback_lr"], opts["momentum"], opts["feedback_lr_halflife"]
             if lr == 0:
                 return
-            apply_step(layer, fb, grad, ok, lr, mom, half)
+            if pending is None:
+                apply_step(layer, fb, grad, ok, lr, mom, half)
+            else:
+                pending.append((layer, grad, ok, lr, mom, half))
 
     @staticmethod
     def step_synced(calls, group) -> None:
         """:meth:`step` for every layer of ``calls`` (``(layer, e, g, info, opts, estimate)``) on the global batch
         of ``group``: one ``all_reduce`` of every layer's statistics (:func:`bio_ext.distributed.global_cosine`)."""
         results = distributed.global_cosine([call[:4] for call in calls], group)
+        steps = []
         with torch.no_grad():
             for (layer, _, _, _, opts, estimate), (grad, cos, ok, g) in zip(calls, results):
                 layer.grape_cos = cos
                 if opts["keep_estimate"]:
                     layer.forward_gradient = (g if estimate is None else estimate).detach()
-                apply_step(layer, layer.feedback, grad, ok, opts["feedback_lr"], opts["momentum"],
-                           opts["feedback_lr_halflife"])
+                steps.append((layer, grad, ok, opts["feedback_lr"], opts["momentum"], opts["feedback_lr_halflife"]))
+            apply_steps(steps)
 
 
 CHECKPOINTING_WARNING = (

@@ -4,7 +4,7 @@ the layer's projection has one, :func:`bio_ext.functional.cosine_statistics`), a
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -117,16 +117,45 @@ def finite(*tensors: torch.Tensor) -> torch.Tensor:
 
 
 def apply_step(layer, fb: torch.Tensor, grad: torch.Tensor, ok: torch.Tensor, lr: float, mom: float, half) -> None:
-    """One feedback step (velocity, decayed rate, step, renormalisation to the initial norm) where ``ok``;
-    where not (a non-finite error, estimate or cosine gradient) every buffer is left as it was and
-    ``feedback_skips`` counts the batch. ``torch.where`` selects, so no device sync is needed."""
-    steps, skips, v, norm0 = layer.feedback_steps, layer.feedback_skips, layer.feedback_velocity, layer.feedback_norm
-    if half is not None:  # a tensor, so no device sync
-        lr = lr / (1.0 + steps.to(fb.dtype) / half)
-    new_v = v * mom + grad.to(v.dtype) * (1 - mom)
-    new_fb = fb + new_v * (lr * norm0 * norm0)
-    new_fb = new_fb * (norm0 / new_fb.norm().clamp_min(torch.finfo(fb.dtype).tiny))
-    v.copy_(torch.where(ok, new_v, v))
-    fb.copy_(torch.where(ok, new_fb, fb))
-    steps += ok.to(steps.dtype)
-    skips += (~ok).to(skips.dtype)
+    """One feedback step of one layer: :func:`apply_steps` of that layer alone (``fb`` is ``layer.feedback``)."""
+    apply_steps([(layer, grad, ok, lr, mom, half)])
+
+
+def apply_steps(steps: Sequence[Tuple[Any, torch.Tensor, torch.Tensor, float, float, Optional[float]]]) -> None:
+    """The feedback steps of one backward, ``(layer, grad, ok, lr, momentum, halflife)`` per layer: velocity,
+    decayed rate, step, renormalisation to the initial norm, each where its ``ok``; where not (a non-finite error,
+    estimate or cosine gradient) every buffer of that layer is left as it was and ``feedback_skips`` counts the batch.
+
+    The layers that share rates, dtype and device are stepped together: one ``torch._foreach_*`` call (or one op on
+    their stacked scalars) for each part of the rule instead of one op per layer, which on a CPU is most of the
+    step's cost for small feedbacks (resnet18 has 20 layers). Selecting by ``ok`` needs no device sync: on the
+    CPU, where reading it costs nothing, a group whose layers are all finite is copied in directly; otherwise
+    ``torch.where`` selects layer by layer."""
+    groups: Dict[Tuple, List] = {}
+    for layer, grad, ok, lr, mom, half in steps:
+        fb = layer.feedback
+        groups.setdefault((lr, mom, half, fb.dtype, fb.device), []).append((layer, grad, ok))
+    for (lr, mom, half, dtype, device), items in groups.items():
+        layers = [layer for layer, _, _ in items]
+        fbs = [layer.feedback for layer in layers]
+        vs = [layer.feedback_velocity for layer in layers]
+        counts = [layer.feedback_steps for layer in layers]
+        ok = torch.stack([o for _, _, o in items])
+        norm0 = torch.stack([layer.feedback_norm for layer in layers])
+        rate = norm0 * norm0 * lr
+        if half is not None:  # decayed with each layer's own step count, a tensor: no device sync
+            rate = rate / (torch.stack(counts).to(rate.dtype) / half + 1.0)
+        new_v = torch._foreach_lerp(vs, [g.to(v.dtype) for (_, g, _), v in zip(items, vs)], 1 - mom)
+        new_fb = torch._foreach_add(fbs, torch._foreach_mul(new_v, list(rate.to(dtype).unbind())))
+        norms = torch.stack(torch._foreach_norm(new_fb)).to(dtype)
+        torch._foreach_mul_(new_fb, list((norm0.to(dtype) / norms.clamp_min(torch.finfo(dtype).tiny)).unbind()))
+        if device.type == "cpu" and bool(ok.all()):
+            torch._foreach_copy_(vs, new_v)
+            torch._foreach_copy_(fbs, new_fb)
+        else:
+            for o, v, nv, fb, nfb in zip(ok.unbind(), vs, new_v, fbs, new_fb):
+                v.copy_(torch.where(o, nv, v))
+                fb.copy_(torch.where(o, nfb, fb))
+        torch._foreach_add_(counts, list(ok.to(counts[0].dtype).unbind()))
+        skips = [layer.feedback_skips for layer in layers]
+        torch._foreach_add_(skips, list((~ok).to(skips[0].dtype).unbind()))
