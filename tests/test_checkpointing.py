@@ -1,5 +1,6 @@
 """Activation checkpointing (issue 13, item 2): ``torch.utils.checkpoint`` around converted blocks (either
-``use_reentrant``) and transformers' ``gradient_checkpointing_enable()`` give the gradients of the same step
+``use_reentrant``) and transformers' ``activation_checkpointing_enable()`` (formerly
+``gradient_checkpointing_enable()``) give the gradients of the same step
 without checkpointing. The recompute runs during the backward, when no forward is running: it finds its
 session (:func:`bio_ext.session.current_session`), registers no layer twice and projects nothing twice.
 """
@@ -14,6 +15,17 @@ from torch.utils.checkpoint import checkpoint
 
 import bio_ext
 from bio_ext import errors
+
+
+def enable_transformers_checkpointing(model, **kwargs):
+    """transformers' activation checkpointing, by its current name (``activation_checkpointing_enable``; the
+    older ``gradient_checkpointing_enable`` is deprecated and warns): both set the modules' ``gradient_checkpointing``
+    flag, which is what GrAPE reads."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class Block(nn.Module):
@@ -143,7 +155,7 @@ def test_transformers_gpt2_gradient_checkpointing_in_dfa(granularity):
     want = grads(copy.deepcopy(model))
     for kwargs in ({"use_reentrant": False}, {"use_reentrant": True})[:2 if granularity == "layer" else 1]:
         m = copy.deepcopy(model)
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_transformers_checkpointing(m, **kwargs)
         assert m.transformer.gradient_checkpointing
         assert_same_grads(grads(m), want, atol=1e-6)
 
@@ -170,7 +182,7 @@ def test_grape_under_transformers_checkpointing_trains_with_dfa_and_leaves_its_f
     dfa = copy.deepcopy(model)  # GrAPE with a zero rate: DFA's gradients with GrAPE's feedback
     dfa(input_ids=ids, labels=ids).loss.backward()
     before = {n: l.feedback.clone() for n, l in bio_ext.feedback_layers(model)}
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_transformers_checkpointing(model, use_reentrant=False)
     for name, layer in bio_ext.feedback_layers(model):
         layer.mode_options = {**layer.mode_options, "feedback_lr": 0.05}  # would turn B without checkpointing
     with pytest.warns(UserWarning, match="no forward-mode tangents"):
@@ -184,7 +196,7 @@ def test_grape_under_transformers_checkpointing_trains_with_dfa_and_leaves_its_f
 def test_grape_inside_a_non_reentrant_checkpoint_is_refused_naming_the_fixes():
     model = bio_ext.convert(Net(), "grape", seed=0)
     model.reentrant = False
-    with pytest.raises(errors.FeedbackSignalError, match="gradient_checkpointing_enable"):
+    with pytest.raises(errors.FeedbackSignalError, match="activation_checkpointing_enable"):
         model(torch.randn(5, 8))
 
 

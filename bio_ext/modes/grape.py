@@ -127,10 +127,10 @@ the autograd graph, so a non-reentrant segment's recompute (without tangents) sa
 forward did, and a reentrant segment is a custom Function with no ``jvp``. What is true, and tested
 (tests/test_checkpointing.py):
 
-* transformers' ``gradient_checkpointing_enable()`` (either ``use_reentrant``): GrAPE sees the modules'
-  ``gradient_checkpointing`` flag and runs the forward without tangents, with a warning: every layer gets DFA's
-  projection of its current feedback, and no feedback is updated (the gradients equal DFA's with that
-  feedback);
+* transformers' ``activation_checkpointing_enable()`` (formerly ``gradient_checkpointing_enable()``, either
+  ``use_reentrant``): GrAPE sees the modules' ``gradient_checkpointing`` flag and runs the forward without
+  tangents, with a warning: every layer gets DFA's projection of its current feedback, and no feedback is
+  updated (the gradients equal DFA's with that feedback);
 * ``torch.utils.checkpoint(..., use_reentrant=False)`` around converted layers: a
   :class:`~bio_ext.errors.FeedbackSignalError` at the first layer inside the segment, naming the fixes;
 * ``use_reentrant=True``: the segment runs under ``no_grad``, so its layers are neither perturbed nor stepped
@@ -588,8 +588,8 @@ CHECKPOINTING_WARNING = (
 CHECKPOINTING_ERROR = (
     "mode 'grape' carries forward-mode tangents through the forward, and torch.utils.checkpoint cannot recompute "
     "them (its recompute would save other tensors than the forward did). Checkpoint the model with transformers' "
-    "gradient_checkpointing_enable() (GrAPE then trains with DFA's projection and leaves its feedback as it is), "
-    "use mode 'dfa', or do not checkpoint the converted layers.")
+    "activation_checkpointing_enable() (or its older name, gradient_checkpointing_enable(); GrAPE then trains with "
+    "DFA's projection and leaves its feedback as it is), use mode 'dfa', or do not checkpoint the converted layers.")
 
 
 def in_checkpoint() -> bool:
