@@ -17,7 +17,7 @@ p.add_argument("--seed", type=int, default=0); p.add_argument("--lr", type=float
 p.add_argument("--bs", type=int, default=64); p.add_argument("--convert", default="{}")
 p.add_argument("--options", default="{}"); p.add_argument("--transform", default="none")
 p.add_argument("--constrain", action="store_true"); p.add_argument("--size", type=int, default=32)
-p.add_argument("--width", type=int, default=1); p.add_argument("--tanmode", default="example"); p.add_argument("--dataset", default="cifar10"); p.add_argument("--kwargs", default="{}"); p.add_argument("--ntest", type=int, default=1000)
+p.add_argument("--width", type=int, default=1); p.add_argument("--threads", type=int, default=2); p.add_argument("--tanmode", default="example"); p.add_argument("--dataset", default="cifar10"); p.add_argument("--kwargs", default="{}"); p.add_argument("--ntest", type=int, default=1000)
 a = p.parse_args()
 from bio_ext.session import FeedbackSession
 _orig = FeedbackSession.receive_error
@@ -36,7 +36,7 @@ def _recv(self, e):
         out.append(q)
     self.proj = tuple(out)
 FeedbackSession.receive_error = _recv
-torch.set_num_threads(2)
+torch.set_num_threads(a.threads)  # --threads 1: two runs side by side on the 2 cores
 if a.tanmode == "batch":
     # with --convert '{"tangential": true}': each example's signal orthogonal to its own input (the library's) and
     # the batch's mean signal orthogonal to the batch's mean input: g_n - a_n x_n - c xbar, the N + 1 numbers solved
