@@ -62,3 +62,15 @@ def test_a_non_finite_gradient_of_a_skipped_layer_reaches_no_buffer():
         assert torch.isfinite(layer.feedback).all() and torch.isfinite(layer.feedback_velocity).all()
         assert torch.equal(layer.feedback, fb) == (i != 2)
         assert int(layer.feedback_skips) == (i != 2)
+
+
+def test_the_feedback_step_benchmark_times_one_feedback_update_per_training_step(monkeypatch):
+    """benchmarks/grape_feedback_step.py wraps the method that runs the update: renamed or bypassed, it would time
+    nothing (an empty list) and its table would be empty."""
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from grape_feedback_step import Grape, feedback_step_times
+    original = Grape.before_projection
+    times = feedback_step_times("mlp", steps=2, warmup=1)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert Grape.before_projection is original  # put back
