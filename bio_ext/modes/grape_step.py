@@ -121,6 +121,7 @@ def apply_step(layer, fb: torch.Tensor, grad: torch.Tensor, ok: torch.Tensor, lr
     apply_steps([(layer, grad, ok, lr, mom, half)])
 
 
+@torch.no_grad()
 def apply_steps(steps: Sequence[Tuple[Any, torch.Tensor, torch.Tensor, float, float, Optional[float]]]) -> None:
     """The feedback steps of one backward, ``(layer, grad, ok, lr, momentum, halflife)`` per layer: velocity,
     decayed rate, step, renormalisation to the initial norm, each where its ``ok``; where not (a non-finite error,

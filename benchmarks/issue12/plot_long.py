@@ -1,0 +1,93 @@
+"""Plot and tabulate ``deep.py`` runs that differ in ``--mode`` and ``--seed``: test accuracy and train loss by
+epoch (the mean of the seeds, the band spanning their lowest and highest), and a table of the accuracy at chosen
+epochs per seed with GrAPE's lead over DFA on the same seed.
+
+    python benchmarks/issue12/plot_long.py OUT.png LOG [LOG ...] [--at 8,12,16]   # one deep.py run per LOG
+"""
+import argparse
+import ast
+import re
+import statistics
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read(path):
+    """(mode, seed, [test acc by epoch], [train loss by epoch]) of one deep.py log."""
+    mode = seed = None
+    acc, loss = [], []
+    for line in open(path):
+        if line.startswith("ARGS "):
+            args = ast.literal_eval(line[5:].strip())
+            mode, seed = args["mode"], args["seed"]
+        m = re.match(r"EPOCH (\d+) train_loss ([\d.e+-]+|nan|inf) test_acc ([\d.]+)", line)
+        if m:
+            loss.append(float(m.group(2)))
+            acc.append(float(m.group(3)))
+    return mode, seed, acc, loss
+
+
+def table(runs, at):
+    """Markdown rows: per mode and seed the accuracy at each epoch of ``at``, then GrAPE - DFA per seed (accuracy,
+    mean ± std; train loss)."""
+    by = {(mode, seed): acc for mode, seed, acc, _ in runs}
+    losses = {(mode, seed): loss for mode, seed, _, loss in runs}
+    seeds = sorted({seed for _, seed, _, _ in runs})
+    lines = ["| mode | seed | " + " | ".join(f"epoch {e}" for e in at) + " |",
+             "|---|---:|" + "---:|" * len(at)]
+    for mode in sorted({mode for mode, _, _, _ in runs}):
+        for seed in seeds:
+            acc = by.get((mode, seed), [])
+            lines.append(f"| {mode} | {seed} | " + " | ".join(f"{acc[e - 1]:.1f}" if len(acc) >= e else "-" for e in at)
+                         + " |")
+    for e in at:
+        gaps = [by[("grape", s)][e - 1] - by[("dfa", s)][e - 1] for s in seeds
+                if len(by.get(("grape", s), [])) >= e and len(by.get(("dfa", s), [])) >= e]
+        if gaps:
+            mean = statistics.mean(gaps)
+            dl = [losses[("grape", s)][e - 1] - losses[("dfa", s)][e - 1] for s in seeds
+                  if len(by.get(("grape", s), [])) >= e and len(by.get(("dfa", s), [])) >= e]
+            lines.append(f"grape - dfa at epoch {e}: {', '.join(f'{g:+.1f}' for g in gaps)} (mean {mean:+.2f}"
+                         f"{f' ± {statistics.stdev(gaps):.2f}' if len(gaps) > 1 else ''}, {len(gaps)} seeds); "
+                         f"train loss {', '.join(f'{d:+.3f}' for d in dl)}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("logs", nargs="+")
+    p.add_argument("--at", default="8,12,16")
+    a = p.parse_args(argv)
+    runs = [read(path) for path in a.logs]
+    print(table(runs, [int(e) for e in a.at.split(",")]))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = {"dfa": "tab:blue", "grape": "tab:red", "bp": "black"}
+    for mode in sorted({mode for mode, _, _, _ in runs}):
+        for k, ax in enumerate(axes):
+            series = [r[2 + k] for r in runs if r[0] == mode and r[2 + k]]
+            if not series:
+                continue
+            n = min(len(s) for s in series)  # the epochs every seed reached
+            cols = list(zip(*(s[:n] for s in series)))
+            epochs = range(1, n + 1)
+            colour = colours.get(mode)
+            ax.plot(epochs, [statistics.mean(c) for c in cols], marker="o", color=colour,
+                    label=f"{mode}, dense ({len(series)} seed{'s' if len(series) > 1 else ''})")
+            if len(series) > 1:
+                ax.fill_between(epochs, [min(c) for c in cols], [max(c) for c in cols], color=colour, alpha=0.15)
+    axes[0].set(xlabel="epoch (100 steps)", ylabel="test accuracy % (1,000 images)",
+                title="VGG-16/4, CIFAR-10 (6,400 images), Adam 1e-4")
+    axes[1].set(xlabel="epoch (100 steps)", ylabel="train loss (epoch mean)", title="train loss")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(a.out, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
