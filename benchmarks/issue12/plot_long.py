@@ -38,11 +38,10 @@ def table(runs, at):
     seeds = sorted({seed for _, seed, _, _ in runs})
     lines = ["| mode | seed | " + " | ".join(f"epoch {e}" for e in at) + " |",
              "|---|---:|" + "---:|" * len(at)]
-    for mode in sorted({mode for mode, _, _, _ in runs}):
-        for seed in seeds:
-            acc = by.get((mode, seed), [])
-            lines.append(f"| {mode} | {seed} | " + " | ".join(f"{acc[e - 1]:.1f}" if len(acc) >= e else "-" for e in at)
-                         + " |")
+    for mode, seed in sorted(by):
+        acc = by[(mode, seed)]
+        lines.append(f"| {mode} | {seed} | " + " | ".join(f"{acc[e - 1]:.1f}" if len(acc) >= e else "-" for e in at)
+                     + " |")
     for e in at:
         gaps = [by[("grape", s)][e - 1] - by[("dfa", s)][e - 1] for s in seeds
                 if len(by.get(("grape", s), [])) >= e and len(by.get(("dfa", s), [])) >= e]
@@ -75,8 +74,9 @@ def main(argv=None):
             cols = list(zip(*(s[:n] for s in series)))
             epochs = range(1, n + 1)
             colour = colours.get(mode)
+            name = "backprop" if mode == "bp" else f"{mode}, dense"
             ax.plot(epochs, [statistics.mean(c) for c in cols], marker="o", color=colour,
-                    label=f"{mode}, dense ({len(series)} seed{'s' if len(series) > 1 else ''})")
+                    label=f"{name} ({len(series)} seed{'s' if len(series) > 1 else ''})")
             if len(series) > 1:
                 ax.fill_between(epochs, [min(c) for c in cols], [max(c) for c in cols], color=colour, alpha=0.15)
     axes[0].set(xlabel="epoch (100 steps)", ylabel="test accuracy % (1,000 images)",
