@@ -154,7 +154,8 @@ feedback update can use improves with the batch (~sqrt(N)), with ``directions`` 
 in deep nets, by not sharing one directional derivative among all layers
 (``perturb_layers="cycle"``), measured in BENCHMARKS.md ("Forward-gradient estimate quality"). On a deep network
 (VGG-16 with every width divided by 4, 800 steps, 4 seeds) ``dense`` trains GrAPE to 34.1% against 28.9% with
-``kernel``, 3.2 points above DFA with the same shape, on every seed (BENCHMARKS.md, "Deep networks, fifth round").
+``kernel``, ahead of DFA with the same shape early on (+1.5 to +3.2 points at 800 steps) but level with it after 1,600
+(+0.3 over 6 seeds; BENCHMARKS.md, "Deep networks, fifth round" and "sixth round").
 
 Stability on deep ReLU networks (VGG-16, VGG-16-BN, AlexNet at the seed's Adam 1e-4). What grows under DFA
 and GrAPE with the projection as it is (``radial="keep"``) is the activity of the late layers, while every
