@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from bands import mean_band  # noqa: E402  (benchmarks/issue12/bands.py)
 
 
 def read(path):
@@ -70,15 +71,7 @@ def main(argv=None):
             series = [r[2 + k] for r in runs if r[0] == mode and r[2 + k]]
             if not series:
                 continue
-            n = min(len(s) for s in series)  # the epochs every seed reached
-            cols = list(zip(*(s[:n] for s in series)))
-            epochs = range(1, n + 1)
-            colour = colours.get(mode)
-            name = "backprop" if mode == "bp" else f"{mode}, dense"
-            ax.plot(epochs, [statistics.mean(c) for c in cols], marker="o", color=colour,
-                    label=f"{name} ({len(series)} seed{'s' if len(series) > 1 else ''})")
-            if len(series) > 1:
-                ax.fill_between(epochs, [min(c) for c in cols], [max(c) for c in cols], color=colour, alpha=0.15)
+            mean_band(ax, series, colours.get(mode), "backprop" if mode == "bp" else f"{mode}, dense")
     axes[0].set(xlabel="epoch (100 steps)", ylabel="test accuracy % (1,000 images)",
                 title="VGG-16/4, CIFAR-10 (6,400 images), Adam 1e-4")
     axes[1].set(xlabel="epoch (100 steps)", ylabel="train loss (epoch mean)", title="train loss")

@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from bands import mean_band  # noqa: E402  (benchmarks/issue12/bands.py)
 
 
 def pretty(label: str) -> str:
@@ -64,12 +65,7 @@ def main(out_png, *logs):
             series = [r[k] for r in rs if r[k]]
             if not series:
                 continue
-            epochs = range(1, len(series[0]) + 1)
-            cols = list(zip(*series))
-            ax.plot(epochs, [sum(c) / len(c) for c in cols], marker="o", color=colour,
-                    label=f"{label} ({len(series)} seed{'s' if len(series) > 1 else ''})")
-            if len(series) > 1:
-                ax.fill_between(epochs, [min(c) for c in cols], [max(c) for c in cols], color=colour, alpha=0.12)
+            mean_band(ax, series, colour, label, alpha=0.12)
     axes[0].set(xlabel="epoch (100 steps)", ylabel="test accuracy % (1,000 images)",
                 title="VGG-16/4, CIFAR-10 (6,400 images), Adam 1e-4")
     axes[1].set(xlabel="epoch", ylabel="cosine", title="cos(e B, true gradient), mean over the 12 convolutions")
