@@ -74,3 +74,51 @@ def test_the_feedback_step_benchmark_times_one_feedback_update_per_training_step
     times = feedback_step_times("mlp", steps=2, warmup=1)
     assert len(times) == 2 and all(t > 0 for t in times)
     assert Grape.before_projection is original  # put back
+
+
+def test_a_layer_with_several_steps_in_one_call_has_them_applied_in_order():
+    """A layer called twice in one forward has two steps in one backward (and under DDP, in one all-reduced batch):
+    the second sees the first's feedback and velocity, as two separate calls would."""
+    together, alone = _layers(), _layers()
+    grads = [torch.randn_like(together[0].feedback) for _ in range(3)]
+    apply_steps([(together[0], g, torch.tensor(True), 0.3, 0.9, 4.0) for g in grads])
+    for g in grads:
+        apply_steps([(alone[0], g, torch.tensor(True), 0.3, 0.9, 4.0)])
+    for name in ("feedback", "feedback_velocity", "feedback_steps"):
+        torch.testing.assert_close(getattr(together[0], name), getattr(alone[0], name), rtol=1e-12, atol=1e-14)
+    assert int(together[0].feedback_steps) == 3
+
+
+class _Twice(nn.Module):
+    """A hidden Linear called twice in each forward (weights shared across two depths)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.b(torch.tanh(self.b(torch.tanh(self.a(x)))))))
+
+
+def test_grape_steps_a_layer_called_twice_from_its_updated_feedback(monkeypatch):
+    """The steps of one backward wait to be applied together; a layer's second step must still be computed from the
+    feedback its first step left, as when each step was applied at once (the reference: every step applied as soon
+    as it is computed)."""
+    from bio_ext.modes import grape_step
+
+    def run():
+        torch.manual_seed(0)
+        model = bio_ext.convert(_Twice().double(), "grape", seed=0, options={"feedback_lr": 0.3})
+        x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+        for _ in range(3):
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        return model
+
+    batched = run()
+    monkeypatch.setattr(grape_step.PendingSteps, "append", lambda self, step: apply_steps([step]))
+    immediate = run()
+    assert int(batched.b.feedback_steps) == 6
+    for name in ("feedback", "feedback_velocity", "feedback_steps"):
+        torch.testing.assert_close(getattr(batched.b, name), getattr(immediate.b, name), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(batched.b.weight.grad, immediate.b.weight.grad, rtol=1e-12, atol=1e-14)

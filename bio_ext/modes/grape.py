@@ -231,7 +231,7 @@ from ..session import FeedbackSession
 from . import grape_replay, levels
 from .base import register_mode
 from .direct import DirectFeedbackAlignment
-from .grape_step import apply_step, apply_steps, batch_cosine, cosine_gradient, finite, projection_kind  # noqa: F401
+from .grape_step import PendingSteps, apply_step, batch_cosine, cosine_gradient, projection_kind  # noqa: F401
 
 #: perturb_layers='cycle': per converted model, [forwards seen, slots of the last forward]
 _CYCLES: "weakref.WeakKeyDictionary[nn.Module, List[int]]" = weakref.WeakKeyDictionary()
@@ -486,7 +486,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
         directions = None  # (perturbations, d) per tangent direction, computed when a layer needs them
         synced = []  # under torch.distributed: the steps whose statistics are all-reduced together
         shared: Dict[Any, Any] = {}  # what the layers' steps share (the scaled error and its Gram matrix)
-        pending: List[Tuple] = []  # the layers' feedback steps, applied together at the end (apply_steps)
+        pending = PendingSteps()  # the layers' feedback steps, applied together at the end
         for slot, layer in enumerate(session.layers):
             u = fwd.perturbations[slot] if slot < len(fwd.perturbations) else None
             if u is None or layer is None:
@@ -531,10 +531,10 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             if sync:
                 synced.append(call)
             else:
-                self.step(*call[:5], estimate=call[5], weights=weights, shared=shared, pending=pending)
+                self.step(*call[:5], estimate=call[5], weights=weights, shared=shared, pending=pending.before(layer))
         if synced:
             self.step_synced(synced, fwd.group)
-        apply_steps(pending)
+        pending.flush()
 
     @staticmethod
     def step(layer, e: torch.Tensor, g: torch.Tensor, info, opts, estimate: Optional[torch.Tensor] = None,
@@ -579,7 +579,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
                 if opts["keep_estimate"]:
                     layer.forward_gradient = (g if estimate is None else estimate).detach()
                 steps.append((layer, grad, ok, opts["feedback_lr"], opts["momentum"], opts["feedback_lr_halflife"]))
-            apply_steps(steps)
+            PendingSteps(steps).flush()
 
 
 CHECKPOINTING_WARNING = (

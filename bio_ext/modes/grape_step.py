@@ -131,7 +131,19 @@ def apply_steps(steps: Sequence[Tuple[Any, torch.Tensor, torch.Tensor, float, fl
     their stacked scalars) for each part of the rule instead of one op per layer, which on a CPU is most of the
     step's cost for small feedbacks (resnet18 has 20 layers). Selecting by ``ok`` needs no device sync: on the
     CPU, where reading it costs nothing, a group whose layers are all finite is copied in directly; otherwise
-    ``torch.where`` selects layer by layer."""
+    ``torch.where`` selects layer by layer. A layer that comes more than once (called twice in one forward) has its
+    steps applied one after another, in order, as separate calls would."""
+    rounds: List[List] = []
+    seen: Dict[int, int] = {}
+    for step in steps:
+        k = seen[id(step[0])] = seen.get(id(step[0]), -1) + 1
+        if k == len(rounds):
+            rounds.append([])
+        rounds[k].append(step)
+    if len(rounds) > 1:
+        for one in rounds:
+            apply_steps(one)
+        return
     groups: Dict[Tuple, List] = {}
     for layer, grad, ok, lr, mom, half in steps:
         fb = layer.feedback
@@ -160,3 +172,20 @@ def apply_steps(steps: Sequence[Tuple[Any, torch.Tensor, torch.Tensor, float, fl
         torch._foreach_add_(counts, list(ok.to(counts[0].dtype).unbind()))
         skips = [layer.feedback_skips for layer in layers]
         torch._foreach_add_(skips, list((~ok).to(skips[0].dtype).unbind()))
+
+
+class PendingSteps(list):
+    """The feedback steps of one backward, ``(layer, grad, ok, lr, momentum, halflife)`` each, applied together by
+    :meth:`flush` (:func:`apply_steps`)."""
+
+    def before(self, layer) -> "PendingSteps":
+        """Make way for a step of ``layer``: when it already has one waiting (a layer called twice in one forward),
+        apply what waits first, so that its next step is computed from its updated feedback, as when every step was
+        applied at once. Returns the list."""
+        if any(step[0] is layer for step in self):
+            self.flush()
+        return self
+
+    def flush(self) -> None:
+        apply_steps(self)
+        self.clear()
