@@ -44,12 +44,11 @@ def table(runs, at):
         lines.append(f"| {mode} | {seed} | " + " | ".join(f"{acc[e - 1]:.1f}" if len(acc) >= e else "-" for e in at)
                      + " |")
     for e in at:
-        gaps = [by[("grape", s)][e - 1] - by[("dfa", s)][e - 1] for s in seeds
-                if len(by.get(("grape", s), [])) >= e and len(by.get(("dfa", s), [])) >= e]
+        both = [s for s in seeds if len(by.get(("grape", s), [])) >= e and len(by.get(("dfa", s), [])) >= e]
+        gaps = [by[("grape", s)][e - 1] - by[("dfa", s)][e - 1] for s in both]
         if gaps:
             mean = statistics.mean(gaps)
-            dl = [losses[("grape", s)][e - 1] - losses[("dfa", s)][e - 1] for s in seeds
-                  if len(by.get(("grape", s), [])) >= e and len(by.get(("dfa", s), [])) >= e]
+            dl = [losses[("grape", s)][e - 1] - losses[("dfa", s)][e - 1] for s in both]
             lines.append(f"grape - dfa at epoch {e}: {', '.join(f'{g:+.1f}' for g in gaps)} (mean {mean:+.2f}"
                          f"{f' ± {statistics.stdev(gaps):.2f}' if len(gaps) > 1 else ''}, {len(gaps)} seeds); "
                          f"train loss {', '.join(f'{d:+.3f}' for d in dl)}")

@@ -231,7 +231,7 @@ from ..session import FeedbackSession
 from . import grape_replay, levels
 from .base import register_mode
 from .direct import DirectFeedbackAlignment
-from .grape_step import PendingSteps, apply_step, batch_cosine, cosine_gradient, projection_kind  # noqa: F401
+from .grape_step import PendingSteps, apply_steps, batch_cosine, cosine_gradient, projection_kind  # noqa: F401
 
 #: perturb_layers='cycle': per converted model, [forwards seen, slots of the last forward]
 _CYCLES: "weakref.WeakKeyDictionary[nn.Module, List[int]]" = weakref.WeakKeyDictionary()
@@ -563,7 +563,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             if lr == 0:
                 return
             if pending is None:
-                apply_step(layer, fb, grad, ok, lr, mom, half)
+                apply_steps([(layer, grad, ok, lr, mom, half)])
             else:
                 pending.append((layer, grad, ok, lr, mom, half))
 
@@ -579,7 +579,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
                 if opts["keep_estimate"]:
                     layer.forward_gradient = (g if estimate is None else estimate).detach()
                 steps.append((layer, grad, ok, opts["feedback_lr"], opts["momentum"], opts["feedback_lr_halflife"]))
-            PendingSteps(steps).flush()
+            apply_steps(steps)
 
 
 CHECKPOINTING_WARNING = (

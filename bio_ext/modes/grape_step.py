@@ -116,11 +116,6 @@ def finite(*tensors: torch.Tensor) -> torch.Tensor:
     return ok
 
 
-def apply_step(layer, fb: torch.Tensor, grad: torch.Tensor, ok: torch.Tensor, lr: float, mom: float, half) -> None:
-    """One feedback step of one layer: :func:`apply_steps` of that layer alone (``fb`` is ``layer.feedback``)."""
-    apply_steps([(layer, grad, ok, lr, mom, half)])
-
-
 @torch.no_grad()
 def apply_steps(steps: Sequence[Tuple[Any, torch.Tensor, torch.Tensor, float, float, Optional[float]]]) -> None:
     """The feedback steps of one backward, ``(layer, grad, ok, lr, momentum, halflife)`` per layer: velocity,
