@@ -228,7 +228,7 @@ from .. import distributed
 from .._utils import rng
 from ..errors import FeedbackSignalError, Problem
 from ..session import FeedbackSession
-from . import grape_replay, levels
+from . import grape_attention, grape_replay, levels
 from .base import register_mode
 from .direct import DirectFeedbackAlignment
 from .grape_step import PendingSteps, apply_steps, batch_cosine, cosine_gradient, projection_kind  # noqa: F401
@@ -385,8 +385,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             fwd.replay = (module, args, kwargs, rng.capture(device), directions, device)
             fwd.primals = []
         fwd.level, fwd.counted = levels.enter(module, args, kwargs)  # may refuse: before anything is entered
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        fwd.sdpa = sdpa_kernel([SDPBackend.MATH])
+        fwd.sdpa = grape_attention.tangent_attention()  # fused attention kernels, the tangent beside them
         fwd.sdpa.__enter__()
 
     def enter(self, session, layer, x, info=None):

@@ -1,24 +1,37 @@
-"""The forward-mode tangent of BatchNorm under GrAPE, in a few fused passes.
+"""Forward-mode tangents of common plain layers under GrAPE, in a few fused passes (BatchNorm first, hence the name).
 
-PyTorch's forward AD runs BatchNorm's tangent formula as some twenty elementwise kernels over the activations
-(most of the extra cost of a GrAPE forward through a ResNet). For ``nn.BatchNorm1d/2d/3d`` (exactly those classes:
-``SyncBatchNorm``'s statistics span the ranks) the converted model's GrAPE forward takes the tangent off the
-input (a forward pre-hook), lets the module run on the primal and gives its output the exact tangent (a forward
-hook). With the batch statistics (training, or no running statistics), ``y = g (x - m) / s + b`` over every
-dimension but the channels (``s = sqrt(var + eps)``, biased variance), the tangent is::
+PyTorch's forward AD runs some tangent formulas as many separate kernels: BatchNorm's as some twenty elementwise
+kernels over the activations (most of the extra cost of a GrAPE forward through a ResNet), LayerNorm's through a
+Python decomposition, GPT-2's ``NewGELUActivation`` (``0.5 x (1 + tanh(...))`` written out) as a tangent per
+elementwise op, and a Linear or ``Conv1D`` with a plain weight as ``addmm``'s formula with zero-tensor terms for
+the weight and bias. For the module types of :data:`RULES` (exactly those classes: a subclass may do anything in
+its forward) the converted model's GrAPE forward takes the tangent off the input (a forward pre-hook), lets the
+module run on the primal and gives its output the exact tangent (a forward hook): the same tangent as torch's,
+for the primal the user's module computes. The hooks act only inside a GrAPE forward (a current session whose
+rule carries tangents), when the input carries a tangent and the module's own parameters carry none. Layers
+that ``convert`` swapped have their own tangent path; these are the plain ones around and inside them (macro and
+micro granularity leave whole blocks plain).
+
+BatchNorm (``nn.BatchNorm1d/2d/3d``; ``SyncBatchNorm``'s statistics span the ranks): with the batch statistics
+(training, or no running statistics), ``y = g (x - m) / s + b`` over every dimension but the channels
+(``s = sqrt(var + eps)``, biased variance), the tangent is::
 
     t_y = (g / s) (t - mean(t) - xh mean(t xh)),     xh = (x - m) / s
 
 computed as ``a t + c (x - m) + d`` with per-channel ``a, c, d``; with the running statistics it is
-``t g / sqrt(running_var + eps)``. The hooks act only inside a GrAPE forward (a current session whose rule
-carries tangents), when the input carries a tangent and the module's own parameters carry none.
+``t g / sqrt(running_var + eps)``. LayerNorm: the same formula over the normalised (last) dimensions, ``g``
+elementwise. Linear and ``Conv1D``: the product of the tangent with the weight, no bias. The GELU tanh
+approximation (``NewGELUActivation``, ``FastGELUActivation``): ``t * gelu'(x)``, one ``gelu_backward`` kernel.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Dict, Optional
+
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .._utils.hooks import hook_function
 from ..session import current_session
@@ -27,15 +40,44 @@ from ..session import current_session
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _TANGENT = "_bio_ext_grape_tangent"
 
+#: module class -> ``rule(module, x, t, output) -> tangent of output`` (``x`` the primal input, ``t`` its tangent)
+RULES: Dict[type, Callable] = {}
+#: the same for classes of packages bio_ext does not import: "module.path:Class", resolved once the package is loaded
+LAZY_RULES: Dict[str, Callable] = {}
+
+
+def tangent_rule(*classes):
+    """Register the decorated function as the tangent rule of ``classes`` (types, or "module.path:Class" names
+    of optional packages such as transformers)."""
+    def register(fn: Callable) -> Callable:
+        for cls in classes:
+            if isinstance(cls, str):
+                LAZY_RULES[cls] = fn
+            else:
+                RULES[cls] = fn
+        return fn
+    return register
+
+
+def rule_for(module: nn.Module) -> Optional[Callable]:
+    """The tangent rule of ``module``'s exact class, or None."""
+    cls = type(module)
+    rule = RULES.get(cls)
+    if rule is None and LAZY_RULES:
+        rule = LAZY_RULES.get(f"{cls.__module__}:{cls.__qualname__}")
+        if rule is not None:
+            RULES[cls] = rule
+    return rule
+
 
 def hook_norms(root: nn.Module) -> None:
-    """Give every BatchNorm of ``root`` the two hooks, where it has not got them: once, when ``convert`` builds a
-    model whose rule carries tangents (``revert`` and ``detach_feedback`` take them off again). A BatchNorm
-    added to the model afterwards gets PyTorch's own tangent formula: the same tangent, in more passes."""
+    """Give every module of ``root`` with a tangent rule the two hooks, where it has not got them: once, when
+    ``convert`` builds a model whose rule carries tangents (``revert`` and ``detach_feedback`` take them off again).
+    A module added to the model afterwards gets PyTorch's own tangent formula: the same tangent, in more passes."""
     for m in root.modules():
-        if type(m) in NORMS and not any(hook_function(h) is take_tangent for h in m._forward_pre_hooks.values()):
-            m.register_forward_pre_hook(take_tangent)
-            m.register_forward_hook(give_tangent)
+        if rule_for(m) is not None and not any(hook_function(h) is take_tangent for h in m._forward_pre_hooks.values()):
+            m.register_forward_pre_hook(take_tangent)  # last: the other pre-hooks see the input with its tangent
+            m.register_forward_hook(give_tangent, prepend=True)  # first: the others see the output with its tangent
 
 
 def _active(module) -> bool:
@@ -51,8 +93,9 @@ def take_tangent(module, args):
     if not args or not isinstance(args[0], torch.Tensor) or not _active(module):
         return None
     primal, tangent = fwAD.unpack_dual(args[0])
-    if tangent is None or any(fwAD.unpack_dual(p).tangent is not None for p in (module.weight, module.bias)
-                              if p is not None):
+    if tangent is None or len(args) > 1 and any(fwAD.unpack_dual(a).tangent is not None for a in args[1:]
+                                                if isinstance(a, torch.Tensor)) \
+            or any(fwAD.unpack_dual(p).tangent is not None for p in module.parameters(recurse=False)):
         return None
     module.__dict__[_TANGENT] = tangent
     return (primal, *args[1:])
@@ -63,7 +106,12 @@ def give_tangent(module, args, output):
     tangent = None if torch.compiler.is_compiling() else module.__dict__.pop(_TANGENT, None)
     if tangent is None:
         return None
-    return fwAD.make_dual(output, batch_norm_tangent(module, args[0], tangent, _saved_stats(output)).to(output.dtype))
+    return fwAD.make_dual(output, rule_for(module)(module, args[0], tangent, output).to(output.dtype))
+
+
+@tangent_rule(*NORMS)
+def _batch_norm_rule(module, x, t, output):
+    return batch_norm_tangent(module, x, t, _saved_stats(output))
 
 
 def _saved_stats(output: torch.Tensor):
@@ -99,3 +147,41 @@ def batch_norm_tangent(module, x: torch.Tensor, t: torch.Tensor, stats=None) -> 
     a = inv if weight is None else inv * weight
     out = torch.addcmul(-a * mt, a, t)  # a (t - mean(t))
     return out.addcmul_(-a * m2 * inv, xc)  # - a xh mean(t xh)
+
+
+@tangent_rule(nn.LayerNorm)
+def layer_norm_tangent(module, x: torch.Tensor, t: torch.Tensor, output=None) -> torch.Tensor:
+    """The tangent of ``module(x)`` along ``t`` (``module`` an ``nn.LayerNorm``), ``g J t``: the Jacobian ``J`` of
+    the normalisation alone, ``(I - 1 1^T / n - xh xh^T / n) / s``, is symmetric, so ``J t`` is the vector-Jacobian
+    product that torch's fused LayerNorm backward computes (with the mean and ``1 / s`` the forward saved where it
+    kept a graph), then the weight ``g`` elementwise."""
+    dtype = torch.promote_types(torch.promote_types(x.dtype, t.dtype), torch.float32)
+    x, t = x.detach().to(dtype), t.to(dtype)
+    shape = list(module.normalized_shape)
+    node = getattr(output, "grad_fn", None)
+    if type(node).__name__ == "NativeLayerNormBackward0":
+        mean, rstd = node._saved_result1.detach().to(dtype), node._saved_result2.detach().to(dtype)
+    else:
+        var, mean = torch.var_mean(x, tuple(range(x.dim() - len(shape), x.dim())), correction=0, keepdim=True)
+        rstd = (var + module.eps).rsqrt()
+    out = torch.ops.aten.native_layer_norm_backward(t, x, shape, mean, rstd, None, None, [True, False, False])[0]
+    return out if module.weight is None else out.mul_(module.weight.detach().to(dtype))
+
+
+@tangent_rule(nn.Linear)
+def _linear_rule(module, x, t, output):
+    return F.linear(t, module.weight.detach())
+
+
+@tangent_rule("transformers.pytorch_utils:Conv1D")
+def _conv1d_rule(module, x, t, output):
+    """transformers' ``Conv1D``: ``x @ W + b`` with ``W`` of shape (in, out)."""
+    return t.matmul(module.weight.detach())
+
+
+@tangent_rule("transformers.activations:NewGELUActivation", "transformers.activations:FastGELUActivation")
+def gelu_tanh_tangent(module, x: torch.Tensor, t: torch.Tensor, output=None) -> torch.Tensor:
+    """``t * gelu'(x)`` of the tanh approximation ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`` that
+    these modules write out op by op: torch's fused derivative, one kernel."""
+    dtype = torch.promote_types(x.dtype, t.dtype)
+    return torch.ops.aten.gelu_backward(t.to(dtype), x.detach().to(dtype), approximate="tanh")
