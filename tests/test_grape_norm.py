@@ -86,9 +86,11 @@ def test_revert_takes_the_batchnorm_hooks_off():
 
 
 def _rule_cases():
-    cases = {"layernorm": (lambda: nn.LayerNorm(6), (3, 5, 6)), "layernorm_2d": (lambda: nn.LayerNorm((4, 6)), (3, 4, 6)),
+    cases = {"layernorm": (lambda: nn.LayerNorm(6), (3, 5, 6)),
+             "layernorm_2d": (lambda: nn.LayerNorm((4, 6)), (3, 4, 6)),
              "layernorm_plain": (lambda: nn.LayerNorm(6, elementwise_affine=False), (2, 6)),
-             "linear": (lambda: nn.Linear(6, 4), (3, 6)), "linear_no_bias": (lambda: nn.Linear(6, 4, bias=False), (2, 3, 6))}
+             "linear": (lambda: nn.Linear(6, 4), (3, 6)),
+             "linear_no_bias": (lambda: nn.Linear(6, 4, bias=False), (2, 3, 6))}
     try:
         from transformers.activations import FastGELUActivation, NewGELUActivation
         from transformers.pytorch_utils import Conv1D

@@ -10,8 +10,9 @@ One step, inside the user's ordinary ``model(x)`` / ``loss.backward()``:
    whose input needs a gradient adds a fresh standard-normal perturbation ``u_l``
    to the tangent of its input, the very tensor at which DFA injects its
    feedback. Tangents flow through everything in between (ReLU, residual additions,
-   pooling) by PyTorch's own forward-mode rules, through BatchNorm by the same formula
-   in fewer passes (:mod:`bio_ext.modes.grape_norm`), and through the converted layers
+   pooling) by PyTorch's own forward-mode rules, through BatchNorm, LayerNorm, plain Linear/Conv1D
+   and GPT-2's GELU by the same formulas in fewer passes (:mod:`bio_ext.modes.grape_norm`), through
+   softmax attention beside its fused kernel (:mod:`bio_ext.modes.grape_attention`), and through the converted layers
    by the tangent product each computes in its forward. The output layer's output tangent ``t``
    is kept; the loss itself is computed without tangents. The level is shared
    (:mod:`bio_ext.modes.levels`): GrAPE forwards in several threads run under one level, and
@@ -354,7 +355,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
     # ----------------------------------------------------------------- the forward, with tangents
 
     def open_forward(self, session, module, args, kwargs, options) -> None:
-        """Enter a forward-mode AD level for the forward (and the math SDPA backend: the fused attention
+        """Enter a forward-mode AD level for the forward (and :mod:`.grape_attention`'s attention: the fused
         kernels have no tangent formulas); with ``directions`` > 1, keep what replaying the forward needs."""
         fwd = _Forward()
         session.rule_state = fwd
