@@ -104,3 +104,32 @@ def assert_same_backward(a, b, x, y, seed=7):
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad)
 
+
+
+def assert_point_estimates_sum_to_true(monkeypatch, conv, ids, true):
+    """GrAPE at feedback points: the estimate at point k is <e, t> u_k (t: the tangent at the tap). With u_k running
+    over the standard basis and every other point's u zero, the estimates sum to J_k^T e, the true gradient at point
+    k (``true[k]``), exactly: so with u ~ N(0, I) (E[u u^T] = I) the estimate is unbiased. ``conv``: a language model
+    converted with ``keep_estimate``, run on ``ids`` with ``labels=ids``."""
+    from unittest import mock
+
+    from bio_ext.modes.grape import GradientAlignedProjectedError as GrAPE
+    points = [p for _, p in bio_ext.feedback_points(conv)]
+    perturb = GrAPE.perturb
+    pick = {}
+
+    def perturb_with(self, session, slot, x):
+        u = torch.zeros(x.shape, dtype=x.dtype)
+        if slot == pick["slot"]:
+            u.view(-1)[pick["i"]] = 1.0
+        with mock.patch.object(torch, "randn", lambda *a, **k: u):
+            return perturb(self, session, slot, x)
+
+    monkeypatch.setattr(GrAPE, "perturb", perturb_with)
+    for slot, (point, t) in enumerate(zip(points, true)):
+        total = torch.zeros(t.numel(), dtype=t.dtype)
+        for i in range(t.numel()):
+            pick.update(slot=slot, i=i)
+            conv(input_ids=ids, labels=ids).loss.backward()
+            total += point.forward_gradient.reshape(-1)
+        torch.testing.assert_close(total, t.reshape(-1), rtol=1e-9, atol=1e-12)

@@ -13,6 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import bio_ext
 from bio_ext.modes import grape_attention, grape_norm
+from helpers import assert_point_estimates_sum_to_true
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -133,31 +134,11 @@ def test_gpt2_sdpa_forward_gradient_sums_to_the_true_gradient_over_a_basis(monke
     """As tests/test_transformers.py's basis test, with ``sdpa`` attention: the block outputs' estimates, with the
     perturbation running over the standard basis, sum to the true gradient exactly; so every tangent on the way
     (the fused attention's, LayerNorm's, ``Conv1D``'s, ``NewGELUActivation``'s rules) is exact."""
-    from bio_ext.modes.grape import GradientAlignedProjectedError as GrAPE
     used = {"attention": 0, "rules": set()}
     tangent, rule_for = grape_attention.attention_tangent, grape_norm.rule_for
     monkeypatch.setattr(grape_attention, "attention_tangent",
                         lambda *a, **k: used.__setitem__("attention", used["attention"] + 1) or tangent(*a, **k))
     monkeypatch.setattr(grape_norm, "rule_for", lambda m: used["rules"].add(type(m).__name__) or rule_for(m))
     conv, ids, true = _gpt2_and_true_block_gradients()
-    points = [p for _, p in bio_ext.feedback_points(conv)]
-    pick = {}
-
-    def perturb_with(self, session, slot, x):
-        primal, tangent = fwAD.unpack_dual(x)
-        u = torch.zeros_like(primal)
-        if slot == pick["slot"]:
-            u.view(-1)[pick["i"]] = 1.0
-        session.rule_state.perturbations.extend([None] * (slot + 1 - len(session.rule_state.perturbations)))
-        session.rule_state.perturbations[slot] = u
-        return fwAD.make_dual(primal, u if tangent is None else tangent + u)
-
-    monkeypatch.setattr(GrAPE, "perturb", perturb_with)
-    for slot, (point, t) in enumerate(zip(points, true)):
-        total = torch.zeros(t.numel(), dtype=t.dtype)
-        for i in range(t.numel()):
-            pick.update(slot=slot, i=i)
-            conv(input_ids=ids, labels=ids).loss.backward()
-            total += point.forward_gradient.reshape(-1)
-        torch.testing.assert_close(total, t.reshape(-1), rtol=1e-9, atol=1e-12)
+    assert_point_estimates_sum_to_true(monkeypatch, conv, ids, true)
     assert used["attention"] > 0 and {"LayerNorm", "Conv1D", "NewGELUActivation"} <= used["rules"]
