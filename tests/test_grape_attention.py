@@ -142,3 +142,44 @@ def test_gpt2_sdpa_forward_gradient_sums_to_the_true_gradient_over_a_basis(monke
     conv, ids, true = _gpt2_and_true_block_gradients()
     assert_point_estimates_sum_to_true(monkeypatch, conv, ids, true)
     assert used["attention"] > 0 and {"LayerNorm", "Conv1D", "NewGELUActivation"} <= used["rules"]
+
+
+class _Encoder(torch.nn.Module):
+    def __init__(self, e=8, heads=2, classes=3):
+        super().__init__()
+        self.inp = torch.nn.Linear(4, e)
+        self.att = torch.nn.MultiheadAttention(e, heads, batch_first=True)
+        self.norm = torch.nn.LayerNorm(e)
+        self.out = torch.nn.Linear(e, classes)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = self.norm(h + self.att(h, h, h, need_weights=False, is_causal=False)[0])
+        return self.out(h.mean(1))
+
+
+@pytest.mark.parametrize("granularity", ["layer", "macro"])
+def test_converted_multihead_attention_carries_the_math_paths_output_tangent(monkeypatch, granularity):
+    """nn.MultiheadAttention as bio_ext converts it (its projections converted, scaled_dot_product_attention
+    between them): a GrAPE forward's output tangent with the fused path equals the one through torch's math path."""
+    from bio_ext.modes.grape import GradientAlignedProjectedError as Rule
+    torch.manual_seed(0)
+    net = _Encoder().double()
+    torch.nn.init.uniform_(net.norm.weight, 0.5, 1.5)
+    x, y = torch.randn(4, 5, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
+    seen, on_output = [], Rule.on_output
+    monkeypatch.setattr(Rule, "on_output", lambda self, s, o: (on_output(self, s, o), seen.append(
+        s.rule_state.out_tangent.clone()))[0])
+    calls, tangent = [], grape_attention.attention_tangent
+    monkeypatch.setattr(grape_attention, "attention_tangent", lambda *a, **k: calls.append(1) or tangent(*a, **k))
+    points = {"points": ["inp", "att"]} if granularity == "macro" else {}
+    tangents = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(grape_attention, "tangent_attention", lambda: sdpa_kernel([SDPBackend.MATH]))
+        model = bio_ext.convert(net, "grape", granularity=granularity, seed=0, options={"feedback_lr": 0.0}, **points)
+        torch.manual_seed(5)
+        F.cross_entropy(model(x), y).backward()
+        tangents.append(seen[-1])
+    assert len(calls) == 1 and tangents[0].abs().max() > 0
+    torch.testing.assert_close(tangents[0], tangents[1], rtol=1e-10, atol=1e-12)
