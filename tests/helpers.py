@@ -133,3 +133,27 @@ def assert_point_estimates_sum_to_true(monkeypatch, conv, ids, true):
             conv(input_ids=ids, labels=ids).loss.backward()
             total += point.forward_gradient.reshape(-1)
         torch.testing.assert_close(total, t.reshape(-1), rtol=1e-9, atol=1e-12)
+
+
+def grape_output_tangents(monkeypatch, net, x, y, switch_off, **convert_kwargs):
+    """The output tangent of one GrAPE forward of ``convert(net, "grape", seed=0, feedback_lr=0, **convert_kwargs)``
+    on ``(x, y)``, then of another after ``switch_off(monkeypatch)`` (a fast tangent path off): the same
+    perturbations both times, so the two are equal exactly when the fast path computes torch's tangent."""
+    from bio_ext.modes.grape import GradientAlignedProjectedError as Rule
+    seen, on_output = [], Rule.on_output
+
+    def record(self, session, output):
+        out = on_output(self, session, output)
+        seen.append(session.rule_state.out_tangent.clone())
+        return out
+
+    monkeypatch.setattr(Rule, "on_output", record)
+    tangents = []
+    for fast in (True, False):
+        if not fast:
+            switch_off(monkeypatch)
+        model = bio_ext.convert(net, "grape", seed=0, options={"feedback_lr": 0.0}, **convert_kwargs)
+        torch.manual_seed(5)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        tangents.append(seen[-1])
+    return tangents

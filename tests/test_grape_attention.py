@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import bio_ext
 from bio_ext.modes import grape_attention, grape_norm
-from helpers import assert_point_estimates_sum_to_true
+from helpers import assert_point_estimates_sum_to_true, grape_output_tangents
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -44,7 +44,7 @@ def _both(which, kwargs):
         duals = [x if t is None else fwAD.make_dual(x, t) for x, t in zip((q, k, v), tangents)]
         with sdpa_kernel([SDPBackend.MATH]):
             ref = fwAD.unpack_dual(F.scaled_dot_product_attention(*duals, **kwargs))
-        with grape_attention.tangent_attention():
+        with grape_attention.TangentAttention():
             got = fwAD.unpack_dual(F.scaled_dot_product_attention(*duals, **kwargs))
     return ref, got
 
@@ -68,7 +68,7 @@ def test_float32_primal_is_the_fused_kernels_and_its_gradient_is_backprops():
     torch.manual_seed(1)
     q, k, v = (torch.randn(2, 2, 16, 8, requires_grad=True) for _ in range(3))
     tq = torch.randn(2, 2, 16, 8)
-    with fwAD.dual_level(), grape_attention.tangent_attention():
+    with fwAD.dual_level(), grape_attention.TangentAttention():
         out = F.scaled_dot_product_attention(fwAD.make_dual(q, tq), k, v, is_causal=True)
         primal, tangent = fwAD.unpack_dual(out)
     assert "Flash" in _node_names(primal.grad_fn)  # the fused kernel's own backward
@@ -88,7 +88,7 @@ def test_what_the_fast_path_does_not_cover_keeps_torchs_math_path(kwargs, monkey
     calls = []
     monkeypatch.setattr(grape_attention, "attention_tangent", lambda *a, **k: calls.append(1))
     (q, k, v), (tq, _, _) = _qkv((1, 0, 0))
-    with fwAD.dual_level(), grape_attention.tangent_attention():
+    with fwAD.dual_level(), grape_attention.TangentAttention():
         torch.manual_seed(0)
         out = F.scaled_dot_product_attention(fwAD.make_dual(q, tq), k, v, **kwargs)
         with sdpa_kernel([SDPBackend.MATH]):
@@ -102,7 +102,7 @@ def test_the_mode_passes_every_other_call_through_and_primal_attention_untouched
     calls = []
     monkeypatch.setattr(grape_attention, "attention_tangent", lambda *a, **k: calls.append(1))
     (q, k, v), _ = _qkv((0, 0, 0))
-    with grape_attention.tangent_attention():
+    with grape_attention.TangentAttention():
         out = F.scaled_dot_product_attention(q, k, v)
         summed = torch.add(q, 1.0).sum()
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
@@ -162,24 +162,40 @@ class _Encoder(torch.nn.Module):
 def test_converted_multihead_attention_carries_the_math_paths_output_tangent(monkeypatch, granularity):
     """nn.MultiheadAttention as bio_ext converts it (its projections converted, scaled_dot_product_attention
     between them): a GrAPE forward's output tangent with the fused path equals the one through torch's math path."""
-    from bio_ext.modes.grape import GradientAlignedProjectedError as Rule
     torch.manual_seed(0)
     net = _Encoder().double()
     torch.nn.init.uniform_(net.norm.weight, 0.5, 1.5)
     x, y = torch.randn(4, 5, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
-    seen, on_output = [], Rule.on_output
-    monkeypatch.setattr(Rule, "on_output", lambda self, s, o: (on_output(self, s, o), seen.append(
-        s.rule_state.out_tangent.clone()))[0])
     calls, tangent = [], grape_attention.attention_tangent
     monkeypatch.setattr(grape_attention, "attention_tangent", lambda *a, **k: calls.append(1) or tangent(*a, **k))
     points = {"points": ["inp", "att"]} if granularity == "macro" else {}
-    tangents = []
-    for fused in (True, False):
-        if not fused:
-            monkeypatch.setattr(grape_attention, "tangent_attention", lambda: sdpa_kernel([SDPBackend.MATH]))
-        model = bio_ext.convert(net, "grape", granularity=granularity, seed=0, options={"feedback_lr": 0.0}, **points)
-        torch.manual_seed(5)
-        F.cross_entropy(model(x), y).backward()
-        tangents.append(seen[-1])
+    tangents = grape_output_tangents(monkeypatch, net, x, y, lambda mp: mp.setattr(
+        grape_attention, "tangent_attention", lambda model: sdpa_kernel([SDPBackend.MATH])), granularity=granularity,
+        **points)
     assert len(calls) == 1 and tangents[0].abs().max() > 0
     torch.testing.assert_close(tangents[0], tangents[1], rtol=1e-10, atol=1e-12)
+
+
+def test_a_model_without_attention_modules_runs_without_the_mode_and_any_attention_call_takes_the_math_path():
+    """The mode costs a Python call per torch call: a model with no module named like attention gets the math
+    backend instead, so an attention call hidden in another module still carries its tangent (more slowly)."""
+    class Mixer(torch.nn.Module):  # attention inside a module whose name does not say so
+        def __init__(self):
+            super().__init__()
+            self.inp, self.out = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))
+            return self.out(F.scaled_dot_product_attention(h, h, h).mean(1))
+
+    modes = []
+    real = grape_attention.tangent_attention
+    for net, expected in ((Mixer(), False), (_Encoder(), True)):
+        grape_attention._HAS_ATTENTION.clear()
+        model = bio_ext.convert(net, "grape", seed=0)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(grape_attention, "tangent_attention",
+                       lambda m: modes.append(type(real(m))) or real(m))
+            F.cross_entropy(model(torch.randn(4, 5, 4)), torch.randint(0, 3, (4,))).backward()
+        assert (modes[-1] is grape_attention.TangentAttention) is expected
+    assert all(p.grad is not None for p in model.parameters())

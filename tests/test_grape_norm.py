@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import bio_ext
 from bio_ext.modes import grape_norm
-from bio_ext.modes.grape import GradientAlignedProjectedError as Rule
+from helpers import grape_output_tangents
 
 
 @pytest.mark.parametrize("cls, shape", [(nn.BatchNorm2d, (6, 3, 5, 5)), (nn.BatchNorm1d, (7, 4)),
@@ -32,30 +32,18 @@ def test_batch_norm_tangent_equals_torchs_forward_ad(cls, shape, affine, trainin
     torch.testing.assert_close(grape_norm.batch_norm_tangent(m, x, t), ref, rtol=1e-12, atol=1e-12)
 
 
+def _hooks_off(monkeypatch):
+    monkeypatch.setattr(grape_norm, "_active", lambda module: False)
+
+
 def test_a_grape_forward_through_batchnorm_carries_torchs_output_tangent(monkeypatch):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4),
                         nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)).double()
     x, y = torch.randn(8, 2, 7, 7, dtype=torch.float64), torch.randint(0, 3, (8,))
-    seen = []
-    on_output = Rule.on_output
-
-    def record(self, session, output):
-        out = on_output(self, session, output)
-        seen.append(session.rule_state.out_tangent.clone())
-        return out
-
-    monkeypatch.setattr(Rule, "on_output", record)
     calls, fused = [], grape_norm.batch_norm_tangent
     monkeypatch.setattr(grape_norm, "batch_norm_tangent", lambda *a: calls.append(1) or fused(*a))
-    tangents = []
-    for hooked in (True, False):
-        if not hooked:
-            monkeypatch.setattr(grape_norm, "_active", lambda module: False)
-        model = bio_ext.convert(net, "grape", seed=0, options={"feedback_lr": 0.0})
-        torch.manual_seed(5)
-        F.cross_entropy(model(x), y).backward()
-        tangents.append(seen[-1])
+    tangents = grape_output_tangents(monkeypatch, net, x, y, _hooks_off)
     # the hook ran at the second BatchNorm (the first one's input, after the first layer, carries no tangent)
     assert len(calls) == 1 and tangents[0].abs().max() > 0
     torch.testing.assert_close(tangents[0], tangents[1], rtol=1e-10, atol=1e-12)
@@ -137,19 +125,8 @@ def test_a_grape_macro_forward_through_plain_blocks_carries_torchs_output_tangen
         if isinstance(m, nn.LayerNorm):
             nn.init.uniform_(m.weight, 0.5, 1.5)
     x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
-    seen, on_output = [], Rule.on_output
-    monkeypatch.setattr(Rule, "on_output", lambda self, s, o: (on_output(self, s, o), seen.append(
-        s.rule_state.out_tangent.clone()))[0])
     calls, rule_for = [], grape_norm.rule_for
     monkeypatch.setattr(grape_norm, "rule_for", lambda m: calls.append(type(m)) or rule_for(m))
-    tangents = []
-    for hooked in (True, False):
-        if not hooked:
-            monkeypatch.setattr(grape_norm, "_active", lambda module: False)
-        model = bio_ext.convert(net, "grape", granularity="macro", points=["0", "1"], seed=0,
-                                options={"feedback_lr": 0.0})
-        torch.manual_seed(5)
-        F.cross_entropy(model(x), y).backward()
-        tangents.append(seen[-1])
+    tangents = grape_output_tangents(monkeypatch, net, x, y, _hooks_off, granularity="macro", points=["0", "1"])
     assert nn.LayerNorm in calls and nn.Linear in calls and tangents[0].abs().max() > 0
     torch.testing.assert_close(tangents[0], tangents[1], rtol=1e-10, atol=1e-12)

@@ -386,7 +386,7 @@ class GradientAlignedProjectedError(DirectFeedbackAlignment):
             fwd.replay = (module, args, kwargs, rng.capture(device), directions, device)
             fwd.primals = []
         fwd.level, fwd.counted = levels.enter(module, args, kwargs)  # may refuse: before anything is entered
-        fwd.sdpa = grape_attention.tangent_attention()  # fused attention kernels, the tangent beside them
+        fwd.sdpa = grape_attention.tangent_attention(module)  # fused attention kernels, the tangent beside them
         fwd.sdpa.__enter__()
 
     def enter(self, session, layer, x, info=None):

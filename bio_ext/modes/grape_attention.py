@@ -3,8 +3,9 @@
 PyTorch's fused attention kernels (flash, memory-efficient) have no forward-mode formulas, so a forward that
 carries tangents through ``F.scaled_dot_product_attention`` must take the math path: the score matrix, its
 softmax and their tangents as a dozen separate kernels, and a backward through all of them (inside macro
-blocks, backprop runs there). During a GrAPE forward :func:`tangent_attention` is active instead (a
-``TorchFunctionMode`` that sees only that one function: every other call passes straight through). Where a
+blocks, backprop runs there). During a GrAPE forward of a model with attention modules :func:`tangent_attention`
+is active instead (a ``TorchFunctionMode`` that sees only that one function: every other call passes straight
+through). Where a
 query, key or value carries a tangent it runs the fused kernel on the primals (the autograd graph, and the
 backward, are the fused kernel's own) and gives the output the exact tangent of softmax attention, computed
 without a graph from the recomputed probabilities ``P = softmax(S)``, ``S = scale Q K^T + mask``::
@@ -19,10 +20,13 @@ math path, with its own forward-mode formulas.
 from __future__ import annotations
 
 import math
+import re
+import weakref
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
@@ -97,13 +101,32 @@ def fused_attention(*args, **kwargs) -> torch.Tensor:
     return fwAD.make_dual(out, tangent.to(out.dtype))
 
 
-class _TangentAttention(TorchFunctionMode):
+class TangentAttention(TorchFunctionMode):
+    """While active: ``F.scaled_dot_product_attention`` as :func:`fused_attention`; every other call unchanged."""
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is _SDPA:
             return fused_attention(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
 
 
-def tangent_attention() -> TorchFunctionMode:
-    """The context that a GrAPE forward runs in: ``F.scaled_dot_product_attention`` as :func:`fused_attention`."""
-    return _TangentAttention()
+#: module class names that suggest a call of scaled_dot_product_attention inside
+_ATTENTION_NAME = re.compile(r"attention|attn|mha|sdpa", re.I)
+_HAS_ATTENTION: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def has_attention(model: nn.Module) -> bool:
+    """Whether some module of ``model`` is named like attention (cached per model)."""
+    found = _HAS_ATTENTION.get(model)
+    if found is None:
+        found = _HAS_ATTENTION[model] = any(_ATTENTION_NAME.search(type(m).__name__) for m in model.modules())
+    return found
+
+
+def tangent_attention(model: nn.Module):
+    """The context that a GrAPE forward of ``model`` runs in. Where the model has attention modules (by their class
+    names: ``nn.MultiheadAttention``, transformers' ``*Attention``, ...) ``F.scaled_dot_product_attention`` runs as
+    :func:`fused_attention`, at the cost of a Python call for every torch call of the forward (about 3 us);
+    elsewhere the math backend is chosen for any call of it (the fused kernels would refuse the tangents), at no
+    cost per call."""
+    return TangentAttention() if has_attention(model) else sdpa_kernel([SDPBackend.MATH])
