@@ -482,7 +482,7 @@ def _install(target: nn.Module, cfg: ConvertConfig, spec: ModeSpec, out: _output
         if guess is not None and guess.returned:
             _output.mark_root_tap(root, state_of(root), {out.layer})
     if spec.rule.forward_gradient:
-        grape_norm.hook_norms(root)  # BatchNorm's tangent in a few fused passes (modes/grape_norm.py)
+        grape_norm.hook_modules(root)  # exact tangents of plain layers in fewer passes (modes/grape_norm.py)
     return root
 
 

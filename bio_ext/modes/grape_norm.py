@@ -20,8 +20,9 @@ BatchNorm (``nn.BatchNorm1d/2d/3d``; ``SyncBatchNorm``'s statistics span the ran
 
 computed as ``a t + c (x - m) + d`` with per-channel ``a, c, d``; with the running statistics it is
 ``t g / sqrt(running_var + eps)``. LayerNorm: the same formula over the normalised (last) dimensions, ``g``
-elementwise. Linear and ``Conv1D``: the product of the tangent with the weight, no bias. The GELU tanh
-approximation (``NewGELUActivation``, ``FastGELUActivation``): ``t * gelu'(x)``, one ``gelu_backward`` kernel.
+elementwise, computed by LayerNorm's fused backward (:func:`layer_norm_tangent`). Linear and ``Conv1D``: the
+product of the tangent with the weight, no bias. The GELU tanh approximation (``NewGELUActivation``,
+``FastGELUActivation``): ``t * gelu'(x)``, one ``gelu_backward`` kernel.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def rule_for(module: nn.Module) -> Optional[Callable]:
     return rule
 
 
-def hook_norms(root: nn.Module) -> None:
+def hook_modules(root: nn.Module) -> None:
     """Give every module of ``root`` with a tangent rule the two hooks, where it has not got them: once, when
     ``convert`` builds a model whose rule carries tangents (``revert`` and ``detach_feedback`` take them off again).
     A module added to the model afterwards gets PyTorch's own tangent formula: the same tangent, in more passes."""
