@@ -6,6 +6,8 @@
   library that is not imported (or not installed) costs nothing and is still found first time;
 * **expanders**: module types whose forward does not call their children (``nn.MultiheadAttention``)
   -> function rebuilding them as an equivalent module that does;
+* **tangent rules**: module type -> the exact forward-mode tangent of its output, in fewer passes than torch's
+  own formulas (GrAPE's plain layers: :mod:`bio_ext.modes.grape_norm`);
 * **modes**: name -> :class:`ModeSpec` (a rule converting layer by layer, see :mod:`bio_ext.modes`);
 * **methods**: name -> a whole-model method (``bwbpf``: block-wise local losses) that ``convert``
   hands the model to instead of converting its layers.
@@ -30,6 +32,7 @@ INIT_SCHEMES = ("kaiming", "xavier", "normal")
 _HANDLERS: Dict[TypeKey, Handler] = {}
 _OUTPUT_SIZE: Dict[TypeKey, Callable[[Any], int]] = {}
 _EXPANDERS: Dict[TypeKey, Callable[[Any], Any]] = {}
+_TANGENT_RULES: Dict[TypeKey, Callable[..., Any]] = {}
 _MODES: Dict[str, "ModeSpec"] = {}
 _METHODS: Dict[str, "MethodSpec"] = {}
 
@@ -102,6 +105,26 @@ def register_expander(*types: TypeKey):
 
 def expander_for(module: Any) -> Optional[Callable[[Any], Any]]:
     return _lookup(_EXPANDERS, type(module))
+
+
+# --------------------------------------------------------------------------- tangent rules
+
+
+def register_tangent_rule(*types: TypeKey):
+    """Decorator registering ``rule(module, x, t, output) -> tangent of output`` (``x`` the module's primal input,
+    ``t`` its tangent) for modules of exactly these types (classes, or qualified class names)."""
+
+    def deco(fn):
+        for t in types:
+            _TANGENT_RULES[t] = fn
+        return fn
+
+    return deco
+
+
+def tangent_rule_for(module: Any) -> Optional[Callable[..., Any]]:
+    """The tangent rule of the module's exact type (a subclass may do anything in its forward), or None."""
+    return _lookup(_TANGENT_RULES, type(module))
 
 
 # --------------------------------------------------------------------------- modes and methods

@@ -5,10 +5,9 @@ carries tangents through ``F.scaled_dot_product_attention`` must take the math p
 softmax and their tangents as a dozen separate kernels, and a backward through all of them (inside macro
 blocks, backprop runs there). During a GrAPE forward of a model with attention modules :func:`tangent_attention`
 is active instead (a ``TorchFunctionMode`` that sees only that one function: every other call passes straight
-through). Where a
-query, key or value carries a tangent it runs the fused kernel on the primals (the autograd graph, and the
-backward, are the fused kernel's own) and gives the output the exact tangent of softmax attention, computed
-without a graph from the recomputed probabilities ``P = softmax(S)``, ``S = scale Q K^T + mask``::
+through). Where a query, key or value carries a tangent it runs the fused kernel on the primals (the autograd
+graph, and the backward, are the fused kernel's own) and gives the output the exact tangent of softmax attention,
+computed without a graph from the recomputed probabilities ``P = softmax(S)``, ``S = scale Q K^T + mask``::
 
     dS = scale (dQ K^T + Q dK^T)
     dO = (P * dS) V - rowsum(P * dS) O + P dV
@@ -51,7 +50,7 @@ def attention_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     p = torch.softmax(s, dim=-1)
     if attn_mask is not None:
         p = p.nan_to_num_(0.0)  # a row masked out entirely attends to nothing (torch's math path gives it zeros)
-    result = torch.zeros_like(out)
+    result = None  # at least one of tq, tk, tv is given
     if tq is not None or tk is not None:
         if tq is not None and tk is not None:  # dQ K^T + Q dK^T as one product
             ds = torch.matmul(torch.cat([tq.to(dtype), q], -1), torch.cat([k, tk.to(dtype)], -1).transpose(-2, -1))
@@ -61,7 +60,8 @@ def attention_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
         pds = ds.mul_(scale).mul_(p)
         result = torch.matmul(pds, v).sub_(out * pds.sum(-1, keepdim=True))
     if tv is not None:
-        result.add_(torch.matmul(p, tv.to(dtype)))
+        pv = torch.matmul(p, tv.to(dtype))
+        result = pv if result is None else result.add_(pv)
     return result
 
 

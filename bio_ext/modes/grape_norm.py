@@ -4,7 +4,7 @@ PyTorch's forward AD runs some tangent formulas as many separate kernels: BatchN
 kernels over the activations (most of the extra cost of a GrAPE forward through a ResNet), LayerNorm's through a
 Python decomposition, GPT-2's ``NewGELUActivation`` (``0.5 x (1 + tanh(...))`` written out) as a tangent per
 elementwise op, and a Linear or ``Conv1D`` with a plain weight as ``addmm``'s formula with zero-tensor terms for
-the weight and bias. For the module types of :data:`RULES` (exactly those classes: a subclass may do anything in
+the weight and bias. For the module types with a tangent rule (exactly those classes: a subclass may do anything in
 its forward) the converted model's GrAPE forward takes the tangent off the input (a forward pre-hook), lets the
 module run on the primal and gives its output the exact tangent (a forward hook): the same tangent as torch's,
 for the primal the user's module computes. The hooks act only inside a GrAPE forward (a current session whose
@@ -27,49 +27,19 @@ product of the tangent with the weight, no bias. The GELU tanh approximation (``
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
-
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .._utils.hooks import hook_function
+from ..registry import register_tangent_rule as tangent_rule
+from ..registry import tangent_rule_for as rule_for
 from ..session import current_session
 
 #: the classes whose forward is exactly F.batch_norm of their buffers (subclasses may do anything)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _TANGENT = "_bio_ext_grape_tangent"
-
-#: module class -> ``rule(module, x, t, output) -> tangent of output`` (``x`` the primal input, ``t`` its tangent)
-RULES: Dict[type, Callable] = {}
-#: the same for classes of packages bio_ext does not import: "module.path:Class", resolved once the package is loaded
-LAZY_RULES: Dict[str, Callable] = {}
-
-
-def tangent_rule(*classes):
-    """Register the decorated function as the tangent rule of ``classes`` (types, or "module.path:Class" names
-    of optional packages such as transformers)."""
-    def register(fn: Callable) -> Callable:
-        for cls in classes:
-            if isinstance(cls, str):
-                LAZY_RULES[cls] = fn
-            else:
-                RULES[cls] = fn
-        return fn
-    return register
-
-
-def rule_for(module: nn.Module) -> Optional[Callable]:
-    """The tangent rule of ``module``'s exact class, or None."""
-    cls = type(module)
-    rule = RULES.get(cls)
-    if rule is None and LAZY_RULES:
-        rule = LAZY_RULES.get(f"{cls.__module__}:{cls.__qualname__}")
-        if rule is not None:
-            RULES[cls] = rule
-    return rule
-
 
 def hook_modules(root: nn.Module) -> None:
     """Give every module of ``root`` with a tangent rule the two hooks, where it has not got them: once, when
@@ -174,13 +144,13 @@ def _linear_rule(module, x, t, output):
     return F.linear(t, module.weight.detach())
 
 
-@tangent_rule("transformers.pytorch_utils:Conv1D")
+@tangent_rule("transformers.pytorch_utils.Conv1D")
 def _conv1d_rule(module, x, t, output):
     """transformers' ``Conv1D``: ``x @ W + b`` with ``W`` of shape (in, out)."""
     return t.matmul(module.weight.detach())
 
 
-@tangent_rule("transformers.activations:NewGELUActivation", "transformers.activations:FastGELUActivation")
+@tangent_rule("transformers.activations.NewGELUActivation", "transformers.activations.FastGELUActivation")
 def gelu_tanh_tangent(module, x: torch.Tensor, t: torch.Tensor, output=None) -> torch.Tensor:
     """``t * gelu'(x)`` of the tanh approximation ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`` that
     these modules write out op by op: torch's fused derivative, one kernel."""
