@@ -12,9 +12,10 @@ Every run: the same initial weights (``--seed``), the same sequence of random tr
 (batch ``--batch`` x 128 tokens), AdamW (lr ``--lr``, weight decay 0.01, linear warmup over the
 first 5 % of steps, then cosine decay to 10 %), ``--steps`` steps. The error of the direct modes
 is taken at the input of ``lm_head`` (bio_ext's default for vocabulary heads: ``error_at="auto"``),
-so the feedback matrices are ``128 x 128`` whatever the vocabulary. A run is ``mode[:granularity]``;
-``macro`` injects feedback at every block output, ``micro`` also at every attention and MLP sub-layer
-output (backprop inside them). Validation perplexity is ``exp`` of the mean next-character
+so the feedback matrices are ``128 x 128`` whatever the vocabulary. A run is
+``mode[:granularity][:key=value...]``: ``macro`` injects feedback at every block output, ``micro``
+also at every attention and MLP sub-layer output (backprop inside them); ``key=value`` pairs are
+mode options (``grape:layer:directions=2``). Validation perplexity is ``exp`` of the mean next-character
 cross-entropy over ``--eval-windows`` fixed validation windows.
 
 Then (unless ``--no-timing``) one training step of every run is timed against plain backprop in
@@ -33,6 +34,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -70,16 +72,22 @@ def make_model(vocab: int, seed: int, layers: int = 4, width: int = 128, heads: 
     return transformers.GPT2LMHeadModel(cfg)
 
 
-def parse_run(run: str) -> Tuple[str, str]:
-    mode, _, gran = run.partition(":")
-    return mode, gran or "layer"
+def parse_run(run: str) -> Tuple[str, str, Dict]:
+    """``mode[:granularity][:key=value...]`` -> ``(mode, granularity, mode options)``."""
+    mode, *rest = run.split(":")
+    gran = rest.pop(0) if rest and "=" not in rest[0] else "layer"
+    opts = {}
+    for pair in rest:
+        key, _, value = pair.partition("=")
+        opts[key] = yaml.safe_load(value)
+    return mode, gran, opts
 
 
 def build(run: str, plain: torch.nn.Module, seed: int, options: Dict) -> torch.nn.Module:
-    mode, gran = parse_run(run)
+    mode, gran, own = parse_run(run)
     if mode == "backprop":  # plain torch, no conversion
         return plain
-    opts = options if mode == "grape" else {}
+    opts = {**(options if mode == "grape" else {}), **own}
     return bio_ext.convert(plain, mode, granularity=gran, seed=seed, options=opts)
 
 
@@ -190,7 +198,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--data", default=str(DEFAULT_DATA),
                    help="folder holding tinyshakespeare/input.txt (default: ../shared/data from the repo root)")
     p.add_argument("--runs", default="backprop,dfa:macro,dfa:micro,grape:macro,grape:micro",
-                   help="comma-separated mode[:granularity] (granularity layer, macro or micro); backprop: the plain model")
+                   help="comma-separated mode[:granularity][:key=value...] (granularity layer, macro or micro; mode options); "
+                        "backprop: the plain model")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)

@@ -247,9 +247,20 @@ def tangential(g: torch.Tensor, x: torch.Tensor, lead: int = 1) -> torch.Tensor:
     for s in g.shape[:lead]:
         rows *= s
     g2, x2 = g.reshape(rows, -1), x.detach().reshape(rows, -1).to(g.dtype)
-    xx = (x2 * x2).sum(1, keepdim=True)
-    coef = (g2 * x2).sum(1, keepdim=True) / xx.clamp_min(torch.finfo(g.dtype).tiny)
-    return (g2 - coef * x2).reshape(g.shape)
+    xx = squared_row_norms(x2).clamp_min_(torch.finfo(g.dtype).tiny)
+    return torch.addcmul(g2, x2, row_dots(g2, x2).div_(xx).neg_()).reshape(g.shape)
+
+
+def squared_row_norms(a: torch.Tensor) -> torch.Tensor:
+    """``||a_n||^2`` of each row of a 2-d tensor, as a column ``(N, 1)``: one pass over ``a``, no temporary of its
+    size (as ``(a * a).sum(1)`` has)."""
+    return torch.linalg.vector_norm(a, dim=1, keepdim=True).square_()
+
+
+def row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``<a_n, b_n>`` of each row of two 2-d tensors of one shape, as a column ``(N, 1)``: a batched product, one
+    pass over both, no temporary of their size (as ``(a * b).sum(1)`` has)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(a.shape[0], 1)
 
 
 def radial_statistics(e: torch.Tensor, z: torch.Tensor, examples: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -288,11 +299,13 @@ def output_radial(g: torch.Tensor, x: torch.Tensor, r: torch.Tensor, en: torch.T
     dtype = torch.promote_types(g.dtype, torch.float32)
     g2, x2 = g.reshape(n, -1).to(dtype), x.detach().reshape(n, -1).to(dtype)
     tiny = torch.finfo(dtype).tiny
-    xx = (x2 * x2).sum(1, keepdim=True).clamp_min(tiny)
-    t = g2 - ((g2 * x2).sum(1, keepdim=True) / xx) * x2
-    tn = t.norm(dim=1, keepdim=True)
-    scale = torch.where(tn > 0, en.reshape(n, 1) / tn.clamp_min(tiny), torch.zeros_like(tn))
-    return (t * scale + (r.reshape(n, 1).to(dtype) / xx) * x2).reshape(g.shape).to(g.dtype)
+    # four passes over the activations' size and one temporary (t) instead of ten and seven: on a convolution's
+    # input this was most of DFA's backward (BENCHMARKS.md, "GrAPE's speed, fifth round")
+    xx = squared_row_norms(x2).clamp_min_(tiny)
+    t = torch.addcmul(g2, x2, row_dots(g2, x2).div_(xx).neg_())
+    tn = torch.linalg.vector_norm(t, dim=1, keepdim=True)
+    scale = torch.where(tn > 0, en.reshape(n, 1).to(dtype) / tn.clamp_min(tiny), torch.zeros_like(tn))
+    return t.mul_(scale).addcmul_(x2, r.reshape(n, 1).to(dtype) / xx).reshape(g.shape).to(g.dtype)
 
 
 # --------------------------------------------------------------------------- GrAPE's cosine in closed form
