@@ -107,7 +107,7 @@ def perplexity(model, val: torch.Tensor, n_windows: int, batch: int = 64) -> flo
     starts = torch.linspace(0, len(val) - CONTEXT - 2, n_windows).long()
     total, count = 0.0, 0
     for i in range(0, n_windows, batch):
-        chunk = windows(val, starts[i:i + batch])
+        chunk = windows(val, starts[i:i + batch]).to(next(model.parameters()).device)
         total += lm_loss(model, chunk).item() * len(chunk)
         count += len(chunk)
     model.train()
@@ -144,7 +144,7 @@ def lr_at(step: int, steps: int, lr: float) -> float:
 
 def train(run: str, train_ids: torch.Tensor, val_ids: torch.Tensor, vocab: int, args, options: Dict,
           progress=None) -> Dict:
-    model = build(run, make_model(vocab, args.seed, attn=args.attn), args.seed, options)
+    model = build(run, make_model(vocab, args.seed, attn=args.attn), args.seed, options).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(args.seed + 1)  # same windows for every run
     t0 = time.perf_counter()
@@ -154,7 +154,7 @@ def train(run: str, train_ids: torch.Tensor, val_ids: torch.Tensor, vocab: int, 
             group["lr"] = lr_at(step, args.steps, args.lr)
         chunk = windows(train_ids, torch.randint(0, len(train_ids) - CONTEXT - 1, (args.batch,), generator=g))
         opt.zero_grad(set_to_none=True)
-        loss = lm_loss(model, chunk)
+        loss = lm_loss(model, chunk.to(args.device))
         loss.backward()
         if args.clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -169,7 +169,7 @@ def train(run: str, train_ids: torch.Tensor, val_ids: torch.Tensor, vocab: int, 
     sites = [m for _, m in bio_ext.feedback_layers(model)] + [p for _, p in bio_ext.feedback_points(model)] \
         if bio_ext.is_converted(model) else []
     cos = [float(m.grape_cos) for m in sites if hasattr(m, "grape_cos")]
-    align = point_alignment(model, windows(val_ids, torch.arange(16) * 997))
+    align = point_alignment(model, windows(val_ids, torch.arange(16) * 997).to(args.device))
     return {"run": run, "steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
             "options": options if run.startswith("grape") else {}, "val_ppl": ppl,
             "train_loss_end": sum(tail) / len(tail), "seconds": seconds, "grape_cos_last": cos,
@@ -179,9 +179,10 @@ def train(run: str, train_ids: torch.Tensor, val_ids: torch.Tensor, vocab: int, 
 def step_times(runs: List[str], train_ids: torch.Tensor, vocab: int, args, options: Dict) -> Dict[str, float]:
     g = torch.Generator().manual_seed(0)
     chunk = windows(train_ids, torch.randint(0, len(train_ids) - CONTEXT - 1, (args.batch,), generator=g))
+    chunk = chunk.to(args.device)
     steps = {}
     for run in dict.fromkeys(["backprop"] + runs):
-        model = build(run, make_model(vocab, args.seed, attn=args.attn), args.seed, options)
+        model = build(run, make_model(vocab, args.seed, attn=args.attn), args.seed, options).to(args.device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step(model=model, opt=opt):
@@ -190,7 +191,7 @@ def step_times(runs: List[str], train_ids: torch.Tensor, vocab: int, args, optio
             opt.step()
 
         steps[run] = step
-    return interleaved_medians(steps, rounds=args.rounds, per_round=2, warmup=2, device=torch.device("cpu"))
+    return interleaved_medians(steps, rounds=args.rounds, per_round=2, warmup=2, device=torch.device(args.device))
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -198,8 +199,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--data", default=str(DEFAULT_DATA),
                    help="folder holding tinyshakespeare/input.txt (default: ../shared/data from the repo root)")
     p.add_argument("--runs", default="backprop,dfa:macro,dfa:micro,grape:macro,grape:micro",
-                   help="comma-separated mode[:granularity][:key=value...] (granularity layer, macro or micro; mode options); "
-                        "backprop: the plain model")
+                   help="comma-separated mode[:granularity][:key=value...] (granularity layer, macro or micro; "
+                        "mode options); backprop: the plain model")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -212,6 +213,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--rounds", type=int, default=5, help="timing rounds (2 steps each)")
     p.add_argument("--no-timing", action="store_true")
     p.add_argument("--no-train", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument("--out", default="runs/char_lm.jsonl")
     args = p.parse_args(argv)

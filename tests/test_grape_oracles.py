@@ -47,8 +47,9 @@ def _hand_step(layer, b, v, t, e, g, norm0):
     return cos.detach(), stepped * (norm0 / stepped.norm()), v
 
 
-def _run(build, x, y, steps, edit=None):
-    model = bio_ext.convert(build(), "grape", seed=0, options=OPTS)
+def _run(build, x, y, steps, edit=None, device="cpu"):
+    model = bio_ext.convert(build(), "grape", seed=0, options=OPTS).to(device)
+    x, y = x.to(device), y.to(device)
     layers = [m for _, m in bio_ext.feedback_layers(model) if m is not model[0]]
     for layer in layers:
         if isinstance(layer, nn.Module) and hasattr(layer, "kernel_size"):
