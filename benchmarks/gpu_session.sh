@@ -7,11 +7,14 @@
 # (.gpu_data is git-ignored; ../shared beside the checkout does not travel to the device machine; the two datasets
 # are 20 MB.)
 # Each stage runs under its own time limit and writes $OUT/<stage>.log; a stage that runs out of time or fails
-# does not stop the others. Stages: the device; the CUDA tests (tests/test_cuda.py and every test marked cuda);
-# step time against backprop on the device (benchmarks/step_time.py: MLP, CNN, resnet18; benchmarks/char_lm.py:
-# the char GPT-2, macro and per layer); issue 12's Table 2 (configs/table2_cifar10_vgg16.yaml: backprop, DFA and
-# GrAPE with dense feedback, seed 0, whole CIFAR-10) for as many epochs as TABLE2_EPOCHS (default 1) and its time
-# limit allow; the runner keeps each finished epoch and $OUT/table2.tar.gz brings the results back.
+# does not stop the others. Stages:
+# - the device;
+# - the CUDA tests: tests/test_cuda.py, the tests named cuda in tests/test_zoo.py and tests/test_mixed_precision.py;
+# - step time against backprop on the device: benchmarks/step_time.py (MLP, CNN, resnet18) and
+#   benchmarks/char_lm.py (the char GPT-2, macro and per layer);
+# - issue 12's Table 2 (configs/table2_cifar10_vgg16.yaml: backprop, DFA and GrAPE with dense feedback, seed 0, the
+#   whole CIFAR-10) for as many epochs as TABLE2_EPOCHS (default 1) and its time limit allow; the runner keeps each
+#   finished epoch, and $OUT/table2.tar.gz brings the results back.
 # Without a GPU (or with GPU_SESSION_SMOKE=1) every stage runs a tiny version on the CPU, to check this script.
 set -u
 OUT=${OUT:-/tmp/gpu_session_out}
@@ -40,7 +43,8 @@ if [ "$smoke" = 1 ]; then
     table2=(-o data.limit=64 -o data.test_limit=64 -o training.hyperparameters.batch_size=32
             -o "model.architecture=cnn" -o "model.mode.convert={}")
 else
-    stage tests 120 $PY -m pytest -q -p no:cacheprovider -m cuda tests/
+    stage tests 120 $PY -m pytest -q -p no:cacheprovider -k cuda tests/test_cuda.py tests/test_zoo.py \
+        tests/test_mixed_precision.py
     stage step_time 100 $PY benchmarks/step_time.py --models mlp,cnn,resnet18 --rounds 5 --no-biotorch \
         --modes dfa,grape,grape:directions=2,dfa:conv_feedback=dense,grape:conv_feedback=dense
     lm_args="--rounds 5"
