@@ -40,29 +40,37 @@ def attention_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     """The tangent of ``out = scaled_dot_product_attention(q, k, v, attn_mask, is_causal=is_causal,
     scale=scale)`` (no dropout) along the tangents ``tq, tk, tv`` (None: zero), in at least float32."""
     dtype = torch.promote_types(q.dtype, torch.float32)
-    q, k, v, out = (x.detach().to(dtype) for x in (q, k, v, out))
+    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2],
+                                  () if attn_mask is None else attn_mask.shape[:-2])
+    # as batches of matrices, so each product can scale and accumulate in place (baddbmm): no concatenation,
+    # no separate pass for the scale, the difference or the sum
+    q, k, v, out = (x.detach().to(dtype).expand(*lead, *x.shape[-2:]).reshape(-1, *x.shape[-2:])
+                    for x in (q, k, v, out))
+    tq, tk, tv = (None if t is None else t.to(dtype).expand(*lead, *t.shape[-2:]).reshape(-1, *t.shape[-2:])
+                  for t in (tq, tk, tv))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
+    kt = k.transpose(1, 2)
+    s = torch.baddbmm(q.new_empty(()), q, kt, beta=0, alpha=scale)
     if is_causal:
         s.masked_fill_(_above_diagonal(s.shape[-2], s.shape[-1], s.device), float("-inf"))
     if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.to(dtype)
+        mask = attn_mask.expand(*lead, *s.shape[-2:]).reshape(s.shape)
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(dtype)
     p = torch.softmax(s, dim=-1)
     if attn_mask is not None:
         p = p.nan_to_num_(0.0)  # a row masked out entirely attends to nothing (torch's math path gives it zeros)
     result = None  # at least one of tq, tk, tv is given
     if tq is not None or tk is not None:
-        if tq is not None and tk is not None:  # dQ K^T + Q dK^T as one product
-            ds = torch.matmul(torch.cat([tq.to(dtype), q], -1), torch.cat([k, tk.to(dtype)], -1).transpose(-2, -1))
-        else:
-            ds = torch.matmul(tq.to(dtype), k.transpose(-2, -1)) if tq is not None else \
-                torch.matmul(q, tk.to(dtype).transpose(-2, -1))
-        pds = ds.mul_(scale).mul_(p)
-        result = torch.matmul(pds, v).sub_(out * pds.sum(-1, keepdim=True))
+        # dS = scale (dQ K^T + Q dK^T), then P * dS
+        ds = torch.baddbmm(q.new_empty(()), tq, kt, beta=0, alpha=scale) if tq is not None else None
+        if tk is not None:
+            ds = torch.baddbmm(q.new_empty(()), q, tk.transpose(1, 2), beta=0, alpha=scale) if ds is None else \
+                ds.baddbmm_(q, tk.transpose(1, 2), alpha=scale)
+        pds = ds.mul_(p)
+        result = torch.baddbmm(out * pds.sum(-1, keepdim=True), pds, v, beta=-1)  # (P * dS) V - rowsum(P * dS) O
     if tv is not None:
-        pv = torch.matmul(p, tv.to(dtype))
-        result = pv if result is None else result.add_(pv)
-    return result
+        result = torch.bmm(p, tv) if result is None else result.baddbmm_(p, tv)
+    return result.reshape(*lead, *result.shape[-2:])
 
 
 _MASKS: Dict[Tuple[int, int, torch.device], torch.Tensor] = {}
