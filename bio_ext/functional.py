@@ -299,8 +299,8 @@ def output_radial(g: torch.Tensor, x: torch.Tensor, r: torch.Tensor, en: torch.T
     dtype = torch.promote_types(g.dtype, torch.float32)
     g2, x2 = g.reshape(n, -1).to(dtype), x.detach().reshape(n, -1).to(dtype)
     tiny = torch.finfo(dtype).tiny
-    # four passes over the activations' size and one temporary (t) instead of ten and seven: on a convolution's
-    # input this was most of DFA's backward (BENCHMARKS.md, "GrAPE's speed, fifth round")
+    # four passes over the activations' size and one temporary (t), where the plain formula takes ten and seven
+    # (timed in BENCHMARKS.md, "GrAPE's speed, fifth round")
     xx = squared_row_norms(x2).clamp_min_(tiny)
     t = torch.addcmul(g2, x2, row_dots(g2, x2).div_(xx).neg_())
     tn = torch.linalg.vector_norm(t, dim=1, keepdim=True)
