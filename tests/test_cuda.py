@@ -65,6 +65,33 @@ def test_steps_on_the_device_equal_the_same_steps_on_the_cpu(build, shape, kw, m
         torch.testing.assert_close(got_s[k], want_s[k], rtol=1e-9, atol=1e-12, msg=k)
 
 
+@pytest.mark.parametrize("mode", ["fa", "dfa", "dkp", "grape"])
+@pytest.mark.parametrize("build, shape, kw", CASES, ids=IDS)
+def test_a_model_stepped_on_the_cpu_then_moved_steps_on_the_device(build, shape, kw, mode):
+    """What a model keeps between steps (a convolution's spread matrices, the feedback bank's shared storage, GrAPE's
+    velocity and counters) follows ``.to(device)``: the step after the move equals the CPU's second step, or, for
+    GrAPE (whose draws differ by device), is a finite step that turns every feedback on the device."""
+    torch.manual_seed(1)
+    x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
+    cpu = bio_ext.convert(build(), mode, seed=0, **kw)
+    _steps(cpu, x, y, n=1)
+    moved = copy.deepcopy(cpu).to(DEVICE)
+    before = {n: l.feedback.detach().clone() for n, l in bio_ext.feedback_layers(moved)}
+    got_g, got_s = _steps(moved, x.to(DEVICE), y.to(DEVICE), n=1)
+    if mode != "grape":
+        want_g, want_s = _steps(cpu, x, y, n=1)
+        for k in want_g:
+            torch.testing.assert_close(got_g[k], want_g[k], rtol=1e-9, atol=1e-12, msg=k)
+        for k in want_s:
+            torch.testing.assert_close(got_s[k], want_s[k], rtol=1e-9, atol=1e-12, msg=k)
+        return
+    assert all(torch.isfinite(g).all() for g in got_g.values())
+    for n, layer in bio_ext.feedback_layers(moved):
+        assert layer.feedback.device.type == torch.device(DEVICE).type, n
+        if n != "0":  # the first layer's input is the data: not perturbed, no feedback step
+            assert not torch.equal(layer.feedback, before[n]) and int(layer.feedback_steps) == 2, n
+
+
 @pytest.mark.parametrize("build, shape, kw", CASES, ids=IDS)
 def test_brsf_trains_on_the_device(build, shape, kw):
     torch.manual_seed(1)
