@@ -1,6 +1,7 @@
-"""Plot and tabulate ``deep.py`` runs that differ in ``--mode`` and ``--seed``: test accuracy and train loss by
-epoch (the mean of the seeds, the band spanning their lowest and highest), and a table of the accuracy at chosen
-epochs per seed with GrAPE's lead over DFA on the same seed.
+"""Plot and tabulate ``deep.py`` runs that differ in ``--mode``, ``--options`` and ``--seed``: test accuracy and train
+loss by epoch (the mean of the seeds, the band spanning their lowest and highest), and a table of the accuracy at
+chosen epochs per seed with each variant's lead over DFA on the same seed. A variant is the mode with its options
+(``grape {"feedback_target": "jacobian"}``).
 
     python benchmarks/issue12/plot_long.py OUT.png LOG [LOG ...] [--at 8,12,16]   # one deep.py run per LOG
 """
@@ -23,7 +24,8 @@ def read(path):
     for line in open(path):
         if line.startswith("ARGS "):
             args = ast.literal_eval(line[5:].strip())
-            mode, seed = args["mode"], args["seed"]
+            opts = args.get("options", "{}")
+            mode, seed = args["mode"] + ("" if opts in ("{}", "") else " " + opts), args["seed"]
         m = re.match(r"EPOCH (\d+) train_loss ([\d.e+-]+|nan|inf) test_acc ([\d.]+)", line)
         if m:
             loss.append(float(m.group(2)))
@@ -43,15 +45,16 @@ def table(runs, at):
         acc = by[(mode, seed)]
         lines.append(f"| {mode} | {seed} | " + " | ".join(f"{acc[e - 1]:.1f}" if len(acc) >= e else "-" for e in at)
                      + " |")
-    for e in at:
-        both = [s for s in seeds if len(by.get(("grape", s), [])) >= e and len(by.get(("dfa", s), [])) >= e]
-        gaps = [by[("grape", s)][e - 1] - by[("dfa", s)][e - 1] for s in both]
-        if gaps:
-            mean = statistics.mean(gaps)
-            dl = [losses[("grape", s)][e - 1] - losses[("dfa", s)][e - 1] for s in both]
-            lines.append(f"grape - dfa at epoch {e}: {', '.join(f'{g:+.1f}' for g in gaps)} (mean {mean:+.2f}"
-                         f"{f' ± {statistics.stdev(gaps):.2f}' if len(gaps) > 1 else ''}, {len(gaps)} seeds); "
-                         f"train loss {', '.join(f'{d:+.3f}' for d in dl)}")
+    for variant in sorted({mode for mode, _ in by} - {"dfa", "bp"}):
+        for e in at:
+            both = [s for s in seeds if len(by.get((variant, s), [])) >= e and len(by.get(("dfa", s), [])) >= e]
+            gaps = [by[(variant, s)][e - 1] - by[("dfa", s)][e - 1] for s in both]
+            if gaps:
+                mean = statistics.mean(gaps)
+                dl = [losses[(variant, s)][e - 1] - losses[("dfa", s)][e - 1] for s in both]
+                lines.append(f"{variant} - dfa at epoch {e}: {', '.join(f'{g:+.1f}' for g in gaps)} (mean {mean:+.2f}"
+                             f"{f' ± {statistics.stdev(gaps):.2f}' if len(gaps) > 1 else ''}, {len(gaps)} seeds); "
+                             f"train loss {', '.join(f'{d:+.3f}' for d in dl)}")
     return "\n".join(lines)
 
 
@@ -65,12 +68,14 @@ def main(argv=None):
     print(table(runs, [int(e) for e in a.at.split(",")]))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     colours = {"dfa": "tab:blue", "grape": "tab:red", "bp": "black"}
+    extra = iter(["tab:green", "tab:purple", "tab:orange", "tab:brown"])
     for mode in sorted({mode for mode, _, _, _ in runs}):
+        colour = colours.get(mode) or next(extra, None)
         for k, ax in enumerate(axes):
             series = [r[2 + k] for r in runs if r[0] == mode and r[2 + k]]
             if not series:
                 continue
-            mean_band(ax, series, colours.get(mode), "backprop" if mode == "bp" else f"{mode}, dense")
+            mean_band(ax, series, colour, "backprop" if mode == "bp" else f"{mode}, dense")
     axes[0].set(xlabel="epoch (100 steps)", ylabel="test accuracy % (1,000 images)",
                 title="VGG-16/4, CIFAR-10 (6,400 images), Adam 1e-4")
     axes[1].set(xlabel="epoch (100 steps)", ylabel="train loss (epoch mean)", title="train loss")
