@@ -247,8 +247,15 @@ def tangential(g: torch.Tensor, x: torch.Tensor, lead: int = 1) -> torch.Tensor:
     for s in g.shape[:lead]:
         rows *= s
     g2, x2 = g.reshape(rows, -1), x.detach().reshape(rows, -1).to(g.dtype)
-    xx = squared_row_norms(x2).clamp_min_(torch.finfo(g.dtype).tiny)
-    return torch.addcmul(g2, x2, row_dots(g2, x2).div_(xx).neg_()).reshape(g.shape)
+    return tangential_rows(g2, x2, torch.finfo(g.dtype).tiny)[0].reshape(g.shape)
+
+
+def tangential_rows(g2: torch.Tensor, x2: torch.Tensor, tiny: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each row of ``g2`` without its component along the same row of ``x2`` (2-d tensors of one shape), and the
+    squared row norms of ``x2`` (a column, at least ``tiny``) it divided by: two passes over ``x2``, one over ``g2``,
+    one temporary (the result)."""
+    xx = squared_row_norms(x2).clamp_min_(tiny)
+    return torch.addcmul(g2, x2, row_dots(g2, x2).div_(xx).neg_()), xx
 
 
 def squared_row_norms(a: torch.Tensor) -> torch.Tensor:
@@ -301,8 +308,7 @@ def output_radial(g: torch.Tensor, x: torch.Tensor, r: torch.Tensor, en: torch.T
     tiny = torch.finfo(dtype).tiny
     # four passes over the activations' size and one temporary (t), where the plain formula takes ten and seven
     # (timed in BENCHMARKS.md, "GrAPE's speed, fifth round")
-    xx = squared_row_norms(x2).clamp_min_(tiny)
-    t = torch.addcmul(g2, x2, row_dots(g2, x2).div_(xx).neg_())
+    t, xx = tangential_rows(g2, x2, tiny)
     tn = torch.linalg.vector_norm(t, dim=1, keepdim=True)
     scale = torch.where(tn > 0, en.reshape(n, 1).to(dtype) / tn.clamp_min(tiny), torch.zeros_like(tn))
     return t.mul_(scale).addcmul_(x2, r.reshape(n, 1).to(dtype) / xx).reshape(g.shape).to(g.dtype)
