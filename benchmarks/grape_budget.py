@@ -38,19 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bio_ext  # noqa: E402
 from _common import INPUTS, MODELS, clone, hardware, interleaved_medians  # noqa: E402
 from bio_ext.modes.grape import GradientAlignedProjectedError  # noqa: E402
-from step_time import build_steps, floor_model  # noqa: E402
-
-
-def medians(fns, rounds: int, warmup: int = 3):
-    """Interleaved medians (seconds) of each zero-argument function in ``fns``."""
-    times = {k: [] for k in fns}
-    for r in range(warmup + rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if r >= warmup:
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+from step_time import build_steps, floor_model, make_step  # noqa: E402
 
 
 def forward_budget(model: nn.Module, x: torch.Tensor, y: torch.Tensor, top: int) -> None:
@@ -99,14 +87,8 @@ def fixed_costs(rounds: int) -> None:
     x, y = torch.randn(4, 8), torch.randint(0, 10, (4,))
     models = {"backprop": clone(base), "floor": floor_model(base)}
     models.update({m: bio_ext.convert(base, m) for m in ("dfa", "grape")})
-    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, m in models.items()}
-
-    def step(k):
-        opts[k].zero_grad(set_to_none=True)
-        F.cross_entropy(models[k](x), y).backward()
-        opts[k].step()
-
-    t = medians({k: (lambda k=k: step(k)) for k in models}, rounds=rounds * 20, warmup=20)
+    steps = {k: make_step(m, x, y) for k, m in models.items()}
+    t = interleaved_medians(steps, rounds=rounds * 20, per_round=1, warmup=20, device=torch.device("cpu"))
     print("\nFixed cost of a step, tiny MLP 8-16-16-16-10, batch 4 (us):",
           ", ".join(f"{k} {v * 1e6:.0f}" for k, v in t.items()))
 
@@ -130,7 +112,8 @@ def main(argv=None) -> int:
     shape, batch = INPUTS[args.model]
     x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
     grape, plain = bio_ext.convert(base, "grape"), clone(base)
-    fwd = medians({"backprop": lambda: plain(x), "grape": lambda: grape(x)}, rounds=args.rounds * 3)
+    fwd = interleaved_medians({"backprop": lambda: plain(x), "grape": lambda: grape(x)}, rounds=args.rounds * 3,
+                              per_round=1, warmup=3, device=torch.device("cpu"))
     print(f"Forward alone: backprop {fwd['backprop'] * 1e3:.1f} ms, GrAPE {fwd['grape'] * 1e3:.1f} ms (with its "
           f"tangents; {(fwd['grape'] - fwd['backprop']) / bp:.3f} of a backprop step more)")
     forward_budget(grape, x, y, args.top)
