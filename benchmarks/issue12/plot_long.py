@@ -1,9 +1,10 @@
 """Plot and tabulate ``deep.py`` runs that differ in ``--mode``, ``--options`` and ``--seed``: test accuracy and train
 loss by epoch (the mean of the seeds, the band spanning their lowest and highest), and a table of the accuracy at
 chosen epochs per seed with each variant's lead over DFA on the same seed. A variant is the mode with its options
-(``grape {"feedback_target": "jacobian"}``).
+(``grape {"feedback_target": "jacobian"}``), and ``kernel`` (or the ``--convert`` given) where a run's convolutions do
+not have dense feedback. A log may hold several runs; a later run of the same variant and seed replaces an earlier one.
 
-    python benchmarks/issue12/plot_long.py OUT.png LOG [LOG ...] [--at 8,12,16]   # one deep.py run per LOG
+    python benchmarks/issue12/plot_long.py OUT.png LOG [LOG ...] [--at 8,12,16] [--title T] [--skip REGEX]
 """
 import argparse
 import ast
@@ -17,20 +18,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 from bands import mean_band  # noqa: E402  (benchmarks/issue12/bands.py)
 
 
+DENSE = '{"conv_feedback": "dense"}'
+
+
 def read(path):
-    """(mode, seed, [test acc by epoch], [train loss by epoch]) of one deep.py log."""
-    mode = seed = None
-    acc, loss = [], []
+    """[(mode, seed, [test acc by epoch], [train loss by epoch])] of a deep.py log: one run per ``ARGS`` line (a log
+    may hold several runs one after another, as the seventh round's does)."""
+    runs = []
     for line in open(path):
         if line.startswith("ARGS "):
             args = ast.literal_eval(line[5:].strip())
-            opts = args.get("options", "{}")
-            mode, seed = args["mode"] + ("" if opts in ("{}", "") else " " + opts), args["seed"]
+            opts, shape = args.get("options", "{}"), args.get("convert", "")
+            label = args["mode"] + ("" if opts in ("{}", "") else " " + opts)
+            if args["mode"] != "bp" and shape != DENSE:  # the rounds since the fifth compare dense runs
+                label += " kernel" if shape in ("", "{}") else " " + shape
+            runs.append((label, args["seed"], [], []))
         m = re.match(r"EPOCH (\d+) train_loss ([\d.e+-]+|nan|inf) test_acc ([\d.]+)", line)
-        if m:
-            loss.append(float(m.group(2)))
-            acc.append(float(m.group(3)))
-    return mode, seed, acc, loss
+        if m and runs:
+            runs[-1][3].append(float(m.group(2)))
+            runs[-1][2].append(float(m.group(3)))
+    return runs
 
 
 def table(runs, at):
@@ -63,8 +70,10 @@ def main(argv=None):
     p.add_argument("out")
     p.add_argument("logs", nargs="+")
     p.add_argument("--at", default="8,12,16")
+    p.add_argument("--title", default="VGG-16/4, CIFAR-10 (6,400 images), Adam 1e-4")
+    p.add_argument("--skip", help="leave out the runs whose variant label matches this regular expression")
     a = p.parse_args(argv)
-    runs = [read(path) for path in a.logs]
+    runs = [run for path in a.logs for run in read(path) if not (a.skip and re.search(a.skip, run[0]))]
     print(table(runs, [int(e) for e in a.at.split(",")]))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     colours = {"dfa": "tab:blue", "grape": "tab:red", "bp": "black"}
@@ -75,9 +84,10 @@ def main(argv=None):
             series = [r[2 + k] for r in runs if r[0] == mode and r[2 + k]]
             if not series:
                 continue
-            mean_band(ax, series, colour, "backprop" if mode == "bp" else f"{mode}, dense")
+            label = "backprop" if mode == "bp" else mode if "kernel" in mode else f"{mode}, dense"
+            mean_band(ax, series, colour, label)
     axes[0].set(xlabel="epoch (100 steps)", ylabel="test accuracy % (1,000 images)",
-                title="VGG-16/4, CIFAR-10 (6,400 images), Adam 1e-4")
+                title=a.title)
     axes[1].set(xlabel="epoch (100 steps)", ylabel="train loss (epoch mean)", title="train loss")
     for ax in axes:
         ax.grid(alpha=0.3)
