@@ -73,9 +73,13 @@ def main(argv=None):
     p.add_argument("--title", default="VGG-16/4, CIFAR-10 (6,400 images), Adam 1e-4")
     p.add_argument("--skip", help="leave out the runs whose variant label matches this regular expression")
     a = p.parse_args(argv)
-    runs = [run for path in a.logs for run in read(path) if not (a.skip and re.search(a.skip, run[0]))]
+    latest = {}  # a later run of the same variant and seed replaces an earlier one, in the plot as in the table
+    for run in (run for path in a.logs for run in read(path) if not (a.skip and re.search(a.skip, run[0]))):
+        latest.pop(run[:2], None)
+        latest[run[:2]] = run
+    runs = list(latest.values())
     print(table(runs, [int(e) for e in a.at.split(",")]))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
     colours = {"dfa": "tab:blue", "grape": "tab:red", "bp": "black"}
     extra = iter(["tab:green", "tab:purple", "tab:orange", "tab:brown"])
     for mode in sorted({mode for mode, _, _, _ in runs}):
@@ -91,8 +95,9 @@ def main(argv=None):
     axes[1].set(xlabel="epoch (100 steps)", ylabel="train loss (epoch mean)", title="train loss")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)  # below the axes: long labels hide no curve
+    fig.tight_layout(rect=(0, 0.06 * ((len(labels) + 1) // 2), 1, 1))
     fig.savefig(a.out, dpi=110)
 
 
