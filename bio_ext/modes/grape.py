@@ -111,8 +111,9 @@ Options (``convert(model, "grape", options={...})``):
     input (16x16) from 0.16 to 0.46 (``dense``) and 0.10 to 0.24 (``factored``); BENCHMARKS.md
     ("GrAPE's Jacobian target"). Same cost (no extra forward). With several rows per example (tokens)
     it aligns each row's feedback with its own row's Jacobian (the cross-token terms are noise to it).
-    Not the default: it departs from the seed's rule, and on VGG-16 it does not stop the divergence
-    (same section). ``layer.grape_cos`` is then the cosine between ``t @ B_l`` and ``u_l``.
+    Not the default: it departs from the seed's rule, it does not stop VGG-16's divergence under ``radial="keep"``
+    (same section), and its lead in training is small (see Convolutions below). ``layer.grape_cos`` is then the
+    cosine between ``t @ B_l`` and ``u_l``.
 ``distribution`` (default ``"normal"``)
     what the perturbations ``u_l`` are drawn from: ``"normal"``, standard normals (the seed's), or
     ``"rademacher"``, independent signs +-1. Both have mean 0 and ``E[u u^T] = I``, so the estimate is unbiased
@@ -144,19 +145,19 @@ CPU, where torch draws normals on one thread, a draw of 65536 numbers or more ta
 generator of the forward's own (seeded from the first's seed) in a worker thread at the same time: the same
 independent standard normals, in about half the time (:func:`bio_ext._utils.rng.normal`).
 
-Convolutions. With the default ``conv_feedback="kernel"`` a Conv2d's projection is
-(nearly) constant over its input grid, so GrAPE cannot align it with a spatially varying gradient
-(frozen weights, 16x16 inputs: cosine 0.04 at a convolution's input after 300 steps at
-feedback_lr 0.3). ``conv_feedback="dense"`` (``(D, C, H, W)``) reaches 0.63 and ``"factored"``
-(``Bc[d, c] Bs[d, h, w]``, the cosine step differentiates through the product, so it turns both
-factors) 0.33-0.37: see :class:`bio_ext.layers.conv2d.FeedbackConv2d` and BENCHMARKS.md ("Convolution
-feedback shapes"). The per-step estimate there is ~89 degrees from the true gradient; what the
-feedback update can use improves with the batch (~sqrt(N)), with ``directions`` (~sqrt(K)) and,
-in deep nets, by not sharing one directional derivative among all layers
-(``perturb_layers="cycle"``), measured in BENCHMARKS.md ("Forward-gradient estimate quality"). On a deep network
-(VGG-16 with every width divided by 4, 800 steps, 4 seeds) ``dense`` trains GrAPE to 34.1% against 28.9% with
-``kernel``, ahead of DFA with the same shape early on (+1.5 to +3.2 points at 800 steps) but level with it after 1,600
-(+0.3 over 6 seeds; BENCHMARKS.md, "Deep networks, fifth round" and "sixth round").
+Convolutions. With the default ``conv_feedback="kernel"`` a Conv2d's projection is (nearly) constant over its input
+grid, so GrAPE cannot align it with a spatially varying gradient (frozen weights, 16x16 inputs: cosine 0.04 at a
+convolution's input after 300 steps at feedback_lr 0.3). ``conv_feedback="dense"`` (``(D, C, H, W)``) reaches 0.63 and
+``"factored"`` (``Bc[d, c] Bs[d, h, w]``, the cosine step differentiates through the product, so it turns both factors)
+0.33-0.37: see :class:`bio_ext.layers.conv2d.FeedbackConv2d` and BENCHMARKS.md ("Convolution feedback shapes"). The
+per-step estimate there is ~89 degrees from the true gradient; what the feedback update can use improves with the batch
+(~sqrt(N)), with ``directions`` (~sqrt(K)) and, in deep nets, by not sharing one directional derivative among all
+layers (``perturb_layers="cycle"``), measured in BENCHMARKS.md ("Forward-gradient estimate quality"). On a deep network
+(VGG-16 with every width divided by 4) ``dense`` trains GrAPE to 34.1% against 28.9% with ``kernel`` (800 steps, 4
+seeds), ahead of DFA with the same shape early but level with it after 1,600 steps (+0.3, 6 seeds). With the Jacobian
+target at a constant rate (``feedback_target="jacobian"``, ``feedback_lr_halflife=None``) it keeps +1.4 there (6
+seeds); on AlexNet (400 steps, 3 seeds) both end +0.5 over DFA, and a faster constant rate (0.15) falls back to DFA's
+level or below. BENCHMARKS.md, "Deep networks", fifth to ninth rounds.
 
 Stability on deep ReLU networks (VGG-16, VGG-16-BN, AlexNet at the seed's Adam 1e-4). What grows under DFA
 and GrAPE with the projection as it is (``radial="keep"``) is the activity of the late layers, while every
@@ -172,8 +173,7 @@ shrinks when its logits overshoot. Side by side (BENCHMARKS.md, "Deep networks, 
 CIFAR-10 subset: ``keep`` diverges within 60 steps, ``drop`` (the radial part removed, the older
 ``tangential=True``) only slows the growth, ``output`` holds the activity at its initial size and learns. On
 VGG-16-BN (BatchNorm is affine, not homogeneous, for one example) ``output`` is the only one of the three whose loss
-falls, though the classifier's activity stays above backprop's. On a VGG-16 with every width divided by 4, 800
-steps, 4 seeds: GrAPE 28.9 ± 1.7% against DFA 27.4 ± 2.0% (train loss lower in every seed), backprop 35.6%.
+falls, though the classifier's activity stays above backprop's.
 Models with a saturating activation or a normalisation other than BatchNorm (tanh MLPs, transformers) keep the
 projection as it is under ``auto``: there ``<e, z>`` is not the radial component (and the tanh MLPs measured do not
 diverge). GrAPE's cosine step is unchanged: it turns ``B`` toward the estimate of the whole gradient, and the layer
