@@ -156,8 +156,8 @@ layers (``perturb_layers="cycle"``), measured in BENCHMARKS.md ("Forward-gradien
 (VGG-16 with every width divided by 4) ``dense`` trains GrAPE to 34.1% against 28.9% with ``kernel`` (800 steps, 4
 seeds), ahead of DFA with the same shape early but level with it after 1,600 steps (+0.3, 6 seeds). With the Jacobian
 target (``feedback_target="jacobian"``, recommended there) it keeps +1.9 ± 1.5 (6 seeds); a constant rate adds nothing
-and a faster one (0.15) falls to DFA's level or below. On AlexNet (400 steps, 3 seeds) both targets end +0.5 over DFA.
-BENCHMARKS.md, "Deep networks", fifth to ninth rounds.
+and a faster one (0.15) falls to DFA's level or below. On AlexNet (400 steps, 3 seeds) the default and the Jacobian
+target (at a constant rate) both end +0.5 over DFA. BENCHMARKS.md, "Deep networks", fifth to ninth rounds.
 
 Stability on deep ReLU networks (VGG-16, VGG-16-BN, AlexNet at the seed's Adam 1e-4). What grows under DFA
 and GrAPE with the projection as it is (``radial="keep"``) is the activity of the late layers, while every
