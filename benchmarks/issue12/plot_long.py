@@ -75,7 +75,6 @@ def main(argv=None):
     a = p.parse_args(argv)
     latest = {}  # a later run of the same variant and seed replaces an earlier one, in the plot as in the table
     for run in (run for path in a.logs for run in read(path) if not (a.skip and re.search(a.skip, run[0]))):
-        latest.pop(run[:2], None)
         latest[run[:2]] = run
     runs = list(latest.values())
     print(table(runs, [int(e) for e in a.at.split(",")]))
