@@ -231,8 +231,8 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"GPT-2 4x128, 4 heads, context {CONTEXT}, {args.attn}; {hardware()}", flush=True)
     rows = []
     if not args.no_train:
-        from tqdm import tqdm
-        bar = tqdm(total=len(runs) * args.steps, unit="step", file=sys.stderr, mininterval=10)
+        from bio_ext.benchmark.progress import cli_progress  # a bar in a terminal, a line every 30 s in a log
+        bar = cli_progress(sys.stderr)(total=len(runs) * args.steps, desc="char_lm", unit="step")
 
         def progress(run, step, loss):
             bar.update(1)

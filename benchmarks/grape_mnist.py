@@ -94,9 +94,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     train, test = load_mnist(Path(args.data))
     options = {k: v for k, v in (("feedback_lr", args.feedback_lr), ("momentum", args.momentum)) if v is not None}
-    from tqdm import tqdm
+    from bio_ext.benchmark.progress import cli_progress  # a bar in a terminal, a line every 30 s in a log
     modes, seeds = args.modes.split(","), [int(s) for s in args.seeds.split(",")]
-    bar = tqdm(total=len(modes) * len(seeds) * args.epochs, unit="epoch", file=sys.stderr)
+    bar = cli_progress(sys.stderr)(total=len(modes) * len(seeds) * args.epochs, desc="grape_mnist", unit="epoch")
     rows = []
     for seed in seeds:
         for mode in modes:
