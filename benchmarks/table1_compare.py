@@ -3,6 +3,10 @@
     python -m bio_ext.benchmark configs/table1_mnist_mlp.yaml --override training.hyperparameters.epochs=5
     python benchmarks/table1_compare.py runs/table1_mnist_mlp [--column mnist_mlp]
 
+The column of the paper's table is read from the experiment's ``config.yaml`` (``data.dataset`` and
+``model.architecture``); ``--column`` names it where the config does not tell (another dataset or model) and
+is refused where it contradicts the config, so a CIFAR-10 run is never printed beside MNIST's numbers.
+
 Reads ``<experiment>/<mode>/seed_<k>/results.json`` and ``alignment.json`` (written by the runner)
 and prints, per mode: final test accuracy (mean ± sample std over the seeds found, and each seed),
 the per-layer angle between the mode's weight update and the backprop gradient at the last probe
@@ -16,6 +20,9 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from typing import Optional
+
+import yaml
 
 # GrAPE seed paper, Table 1 (test accuracy %, 100 epochs, Adam 1e-4 x0.95/epoch, batch 256)
 SEED_TABLE1 = {
@@ -26,16 +33,37 @@ SEED_TABLE1 = {
 }
 
 
+def config_column(root: Path) -> Optional[str]:
+    """The Table 1 column of the experiment in ``root`` from its ``config.yaml`` (dataset and architecture), None
+    when there is no config or it is not one of the table's four settings."""
+    path = root / "config.yaml"
+    if not path.is_file():
+        return None
+    cfg = yaml.safe_load(path.read_text()) or {}
+    column = f"{(cfg.get('data') or {}).get('dataset')}_{(cfg.get('model') or {}).get('architecture')}"
+    return column if column in SEED_TABLE1 else None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", help="the experiment folder, <output_dir>/<experiment.name>")
-    p.add_argument("--column", default="mnist_mlp", choices=sorted(SEED_TABLE1))
+    p.add_argument("--column", choices=sorted(SEED_TABLE1),
+                   help="the paper's column (default: from the experiment's config.yaml)")
     args = p.parse_args(argv)
     root = Path(args.experiment)
     if not root.is_dir():
         print(f"error: {root} is not a folder (run the benchmark first)", file=sys.stderr)
         return 2
-    seed_numbers = SEED_TABLE1[args.column]
+    found = config_column(root)
+    if args.column and found and args.column != found:
+        print(f"error: --column {args.column}, but {root / 'config.yaml'} is the {found} setting; drop --column",
+              file=sys.stderr)
+        return 2
+    if not (args.column or found):
+        print(f"error: {root / 'config.yaml'} does not say which Table 1 column this is (dataset mnist or cifar10, "
+              f"architecture mlp or cnn): pass --column", file=sys.stderr)
+        return 2
+    seed_numbers = SEED_TABLE1[args.column or found]
     print("| mode | seeds | epochs | test accuracy % (mean ± std) | per seed | update angle per layer (deg) "
           "| seed paper, 100 epochs |")
     print("|---|---:|---:|---:|---|---|---:|")
