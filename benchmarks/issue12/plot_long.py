@@ -22,8 +22,8 @@ DENSE = '{"conv_feedback": "dense"}'
 
 
 def read(path):
-    """[(mode, seed, [test acc by epoch], [train loss by epoch])] of a deep.py log: one run per ``ARGS`` line (a log
-    may hold several runs one after another, as the seventh round's does)."""
+    """[(mode, seed, [test acc by epoch], [train loss by epoch], steps per epoch)] of a deep.py log: one run per
+    ``ARGS`` line (a log may hold several runs one after another, as the seventh round's does)."""
     runs = []
     for line in open(path):
         if line.startswith("ARGS "):
@@ -32,7 +32,7 @@ def read(path):
             label = args["mode"] + ("" if opts in ("{}", "") else " " + opts)
             if args["mode"] != "bp" and shape != DENSE:  # the rounds since the fifth compare dense runs
                 label += " kernel" if shape in ("", "{}") else " " + shape
-            runs.append((label, args["seed"], [], []))
+            runs.append((label, args["seed"], [], [], -(-args.get("n", 6400) // args.get("bs", 64))))
         m = re.match(r"EPOCH (\d+) train_loss ([\d.e+-]+|nan|inf) test_acc ([\d.]+)", line)
         if m and runs:
             runs[-1][3].append(float(m.group(2)))
@@ -43,9 +43,9 @@ def read(path):
 def table(runs, at):
     """Markdown rows: per mode and seed the accuracy at each epoch of ``at``, then GrAPE - DFA per seed (accuracy,
     mean ± std; train loss)."""
-    by = {(mode, seed): acc for mode, seed, acc, _ in runs}
-    losses = {(mode, seed): loss for mode, seed, _, loss in runs}
-    seeds = sorted({seed for _, seed, _, _ in runs})
+    by = {(r[0], r[1]): r[2] for r in runs}
+    losses = {(r[0], r[1]): r[3] for r in runs}
+    seeds = sorted({r[1] for r in runs})
     lines = ["| mode | seed | " + " | ".join(f"epoch {e}" for e in at) + " |",
              "|---|---:|" + "---:|" * len(at)]
     for mode, seed in sorted(by):
@@ -81,7 +81,7 @@ def main(argv=None):
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
     colours = {"dfa": "tab:blue", "grape": "tab:red", "bp": "black"}
     extra = iter(["tab:green", "tab:purple", "tab:orange", "tab:brown"])
-    for mode in sorted({mode for mode, _, _, _ in runs}):
+    for mode in sorted({r[0] for r in runs}):
         colour = colours.get(mode) or next(extra, None)
         for k, ax in enumerate(axes):
             series = [r[2 + k] for r in runs if r[0] == mode and r[2 + k]]
@@ -89,9 +89,10 @@ def main(argv=None):
                 continue
             label = "backprop" if mode == "bp" else mode if "kernel" in mode else f"{mode}, dense"
             mean_band(ax, series, colour, label)
-    axes[0].set(xlabel="epoch (100 steps)", ylabel="test accuracy % (1,000 images)",
-                title=a.title)
-    axes[1].set(xlabel="epoch (100 steps)", ylabel="train loss (epoch mean)", title="train loss")
+    steps = {r[4] for r in runs}
+    xlabel = f"epoch ({steps.pop()} steps)" if len(steps) == 1 else "epoch (runs of different lengths)"
+    axes[0].set(xlabel=xlabel, ylabel="test accuracy % (1,000 images)", title=a.title)
+    axes[1].set(xlabel=xlabel, ylabel="train loss (epoch mean)", title="train loss")
     for ax in axes:
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
