@@ -112,7 +112,7 @@ Options (``convert(model, "grape", options={...})``):
     ("GrAPE's Jacobian target"). Same cost (no extra forward). With several rows per example (tokens)
     it aligns each row's feedback with its own row's Jacobian (the cross-token terms are noise to it).
     Recommended for training: ahead of the seed's rule or level with it in every training measured (VGG-16/4 +1.6
-    points, MNIST MLP +0.2, CNN +0.7, char GPT-2 macro perplexity 16.2 against 27.6; BENCHMARKS.md, "Deep networks,
+    points, MNIST MLP +0.2, CNN +0.7, char GPT-2 macro perplexity 16.0 against 25.5; BENCHMARKS.md, "Deep networks,
     tenth round"). Not the default: ``grape`` is the seed's rule. ``layer.grape_cos`` is cos(``t @ B_l``, ``u_l``).
 ``distribution`` (default ``"normal"``)
     what the perturbations ``u_l`` are drawn from: ``"normal"``, standard normals (the seed's), or
