@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import yaml
+from bio_ext.benchmark.yamlio import yaml_load  # how the runner's config files are read
 
 # GrAPE seed paper, Table 1 (test accuracy %, 100 epochs, Adam 1e-4 x0.95/epoch, batch 256)
 SEED_TABLE1 = {
@@ -39,7 +39,7 @@ def config_column(root: Path) -> Optional[str]:
     path = root / "config.yaml"
     if not path.is_file():
         return None
-    cfg = yaml.safe_load(path.read_text()) or {}
+    cfg = yaml_load(path.read_text()) or {}
     column = f"{(cfg.get('data') or {}).get('dataset')}_{(cfg.get('model') or {}).get('architecture')}"
     return column if column in SEED_TABLE1 else None
 
@@ -60,8 +60,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     if not (args.column or found):
-        print(f"error: {root / 'config.yaml'} does not say which Table 1 column this is (dataset mnist or cifar10, "
-              f"architecture mlp or cnn): pass --column", file=sys.stderr)
+        print(f"error: {root / 'config.yaml'} is missing or does not say which Table 1 column this is (dataset mnist "
+              f"or cifar10, architecture mlp or cnn): pass --column", file=sys.stderr)
         return 2
     seed_numbers = SEED_TABLE1[args.column or found]
     print("| mode | seeds | epochs | test accuracy % (mean ± std) | per seed | update angle per layer (deg) "

@@ -10,6 +10,7 @@ import argparse
 import ast
 import re
 import statistics
+from typing import List, NamedTuple
 
 import matplotlib
 
@@ -21,9 +22,18 @@ from bands import mean_band  # noqa: E402  (benchmarks/issue12/bands.py)
 DENSE = '{"conv_feedback": "dense"}'
 
 
+class Run(NamedTuple):
+    """One deep.py run: its variant label, seed, test accuracy and train loss by epoch, and steps per epoch."""
+    mode: str
+    seed: int
+    acc: List[float]
+    loss: List[float]
+    steps: int
+
+
 def read(path):
-    """[(mode, seed, [test acc by epoch], [train loss by epoch], steps per epoch)] of a deep.py log: one run per
-    ``ARGS`` line (a log may hold several runs one after another, as the seventh round's does)."""
+    """The :class:`Run` s of a deep.py log: one per ``ARGS`` line (a log may hold several runs one after another, as
+    the seventh round's does)."""
     runs = []
     for line in open(path):
         if line.startswith("ARGS "):
@@ -32,20 +42,20 @@ def read(path):
             label = args["mode"] + ("" if opts in ("{}", "") else " " + opts)
             if args["mode"] != "bp" and shape != DENSE:  # the rounds since the fifth compare dense runs
                 label += " kernel" if shape in ("", "{}") else " " + shape
-            runs.append((label, args["seed"], [], [], -(-args.get("n", 6400) // args.get("bs", 64))))
+            runs.append(Run(label, args["seed"], [], [], -(-args.get("n", 6400) // args.get("bs", 64))))
         m = re.match(r"EPOCH (\d+) train_loss ([\d.e+-]+|nan|inf) test_acc ([\d.]+)", line)
         if m and runs:
-            runs[-1][3].append(float(m.group(2)))
-            runs[-1][2].append(float(m.group(3)))
+            runs[-1].loss.append(float(m.group(2)))
+            runs[-1].acc.append(float(m.group(3)))
     return runs
 
 
 def table(runs, at):
     """Markdown rows: per mode and seed the accuracy at each epoch of ``at``, then GrAPE - DFA per seed (accuracy,
     mean ± std; train loss)."""
-    by = {(r[0], r[1]): r[2] for r in runs}
-    losses = {(r[0], r[1]): r[3] for r in runs}
-    seeds = sorted({r[1] for r in runs})
+    by = {(r.mode, r.seed): r.acc for r in runs}
+    losses = {(r.mode, r.seed): r.loss for r in runs}
+    seeds = sorted({r.seed for r in runs})
     lines = ["| mode | seed | " + " | ".join(f"epoch {e}" for e in at) + " |",
              "|---|---:|" + "---:|" * len(at)]
     for mode, seed in sorted(by):
@@ -74,22 +84,22 @@ def main(argv=None):
     p.add_argument("--skip", help="leave out the runs whose variant label matches this regular expression")
     a = p.parse_args(argv)
     latest = {}  # a later run of the same variant and seed replaces an earlier one, in the plot as in the table
-    for run in (run for path in a.logs for run in read(path) if not (a.skip and re.search(a.skip, run[0]))):
-        latest[run[:2]] = run
+    for run in (run for path in a.logs for run in read(path) if not (a.skip and re.search(a.skip, run.mode))):
+        latest[run.mode, run.seed] = run
     runs = list(latest.values())
     print(table(runs, [int(e) for e in a.at.split(",")]))
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
     colours = {"dfa": "tab:blue", "grape": "tab:red", "bp": "black"}
     extra = iter(["tab:green", "tab:purple", "tab:orange", "tab:brown"])
-    for mode in sorted({r[0] for r in runs}):
+    for mode in sorted({r.mode for r in runs}):
         colour = colours.get(mode) or next(extra, None)
         for k, ax in enumerate(axes):
-            series = [r[2 + k] for r in runs if r[0] == mode and r[2 + k]]
+            series = [r[2 + k] for r in runs if r.mode == mode and r[2 + k]]  # k 0: r.acc, 1: r.loss
             if not series:
                 continue
             label = "backprop" if mode == "bp" else mode if "kernel" in mode else f"{mode}, dense"
             mean_band(ax, series, colour, label)
-    steps = {r[4] for r in runs}
+    steps = {r.steps for r in runs}
     xlabel = f"epoch ({steps.pop()} steps)" if len(steps) == 1 else "epoch (runs of different lengths)"
     axes[0].set(xlabel=xlabel, ylabel="test accuracy % (1,000 images)", title=a.title)
     axes[1].set(xlabel=xlabel, ylabel="train loss (epoch mean)", title="train loss")
