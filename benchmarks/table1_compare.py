@@ -2,13 +2,15 @@
 
     python -m bio_ext.benchmark configs/table1_mnist_mlp.yaml --override training.hyperparameters.epochs=5
     python benchmarks/table1_compare.py runs/table1_mnist_mlp [--column mnist_mlp]
+    python benchmarks/table1_compare.py runs/table1_cifar10_cnn_dfa_s0 runs/table1_cifar10_cnn_grape_s0  # merged
 
 The column of the paper's table is read from the experiment's ``config.yaml`` (``data.dataset`` and
 ``model.architecture``); ``--column`` names it where the config does not tell (another dataset or model) and
 is refused where it contradicts the config, so a CIFAR-10 run is never printed beside MNIST's numbers.
 
-Reads ``<experiment>/<mode>/seed_<k>/results.json`` and ``alignment.json`` (written by the runner)
-and prints, per mode: final test accuracy (mean ± sample std over the seeds found, and each seed),
+Reads ``<experiment>/<mode>/seed_<k>/results.json`` and ``alignment.json`` (written by the runner) of one experiment
+or of several, merged by mode (a column run piece by piece, one process per mode or seed, each in a folder of its own;
+they must be the same column, and a mode's seed found twice is refused), and prints, per mode: final test accuracy (mean ± sample std over the seeds found, and each seed),
 the per-layer angle between the mode's weight update and the backprop gradient at the last probe
 (mean over seeds), and the seed paper's number for that mode (100 epochs).
 """
@@ -44,39 +46,61 @@ def config_column(root: Path) -> Optional[str]:
     return column if column in SEED_TABLE1 else None
 
 
+def finished_runs(root: Path, mode: str):
+    """``{seed: (results, alignment)}`` of the finished runs of ``mode`` in the experiment folder ``root``."""
+    runs = {}
+    for run in sorted((root / mode).glob("seed_*")):
+        res = run / "results.json"
+        if res.is_file():
+            data = json.loads(res.read_text())
+            if data.get("status") == "finished":
+                al = json.loads((run / "alignment.json").read_text()) if (run / "alignment.json").is_file() else []
+                runs[run.name] = (data, al)
+    return runs
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", help="the experiment folder, <output_dir>/<experiment.name>")
+    p.add_argument("experiment", nargs="+",
+                   help="the experiment folder, <output_dir>/<experiment.name>; several are merged by mode")
     p.add_argument("--column", choices=sorted(SEED_TABLE1),
-                   help="the paper's column (default: from the experiment's config.yaml)")
+                   help="the paper's column (default: from the experiments' config.yaml)")
     args = p.parse_args(argv)
-    root = Path(args.experiment)
-    if not root.is_dir():
-        print(f"error: {root} is not a folder (run the benchmark first)", file=sys.stderr)
-        return 2
-    found = config_column(root)
-    if args.column and found and args.column != found:
-        print(f"error: --column {args.column}, but {root / 'config.yaml'} is the {found} setting; drop --column",
+    roots = [Path(e) for e in args.experiment]
+    for root in roots:
+        if not root.is_dir():
+            print(f"error: {root} is not a folder (run the benchmark first)", file=sys.stderr)
+            return 2
+    found = {root: config_column(root) for root in roots}
+    columns = sorted({c for c in found.values() if c})
+    if len(columns) > 1:
+        print("error: these experiments are different Table 1 settings ("
+              + ", ".join(f"{root}: {c}" for root, c in found.items() if c) + "); compare one column at a time",
               file=sys.stderr)
         return 2
-    if not (args.column or found):
-        print(f"error: {root / 'config.yaml'} is missing or does not say which Table 1 column this is (dataset mnist "
-              f"or cifar10, architecture mlp or cnn): pass --column", file=sys.stderr)
+    column = columns[0] if columns else None
+    if args.column and column and args.column != column:
+        where = ", ".join(str(root / "config.yaml") for root, c in found.items() if c)
+        print(f"error: --column {args.column}, but {where} is the {column} setting; drop --column", file=sys.stderr)
         return 2
-    seed_numbers = SEED_TABLE1[args.column or found]
-    print("| mode | seeds | epochs | test accuracy % (mean ± std) | per seed | update angle per layer (deg) "
-          "| seed paper, 100 epochs |")
-    print("|---|---:|---:|---:|---|---|---:|")
-    for mode_dir in sorted((d for d in root.iterdir() if d.is_dir()),
-                           key=lambda d: list(seed_numbers).index(d.name) if d.name in seed_numbers else 99):
-        runs = []
-        for run in sorted(mode_dir.glob("seed_*")):
-            res = run / "results.json"
-            if res.is_file():
-                data = json.loads(res.read_text())
-                if data.get("status") == "finished":
-                    al = json.loads((run / "alignment.json").read_text()) if (run / "alignment.json").is_file() else []
-                    runs.append((data, al))
+    if not (args.column or column):
+        print(f"error: {roots[0] / 'config.yaml'} is missing or does not say which Table 1 column this is (dataset "
+              f"mnist or cifar10, architecture mlp or cnn): pass --column", file=sys.stderr)
+        return 2
+    seed_numbers = SEED_TABLE1[args.column or column]
+    modes = {d.name for root in roots for d in root.iterdir() if d.is_dir()}
+    rows = ["| mode | seeds | epochs | test accuracy % (mean ± std) | per seed | update angle per layer (deg) "
+            "| seed paper, 100 epochs |", "|---|---:|---:|---:|---|---|---:|"]
+    for mode in sorted(modes, key=lambda m: (list(seed_numbers).index(m) if m in seed_numbers else 99, m)):
+        merged, origin = {}, {}
+        for root in roots:
+            for seed, run in finished_runs(root, mode).items():
+                if seed in merged:
+                    print(f"error: {mode}/{seed} is in both {origin[seed]} and {root}: pass one of them",
+                          file=sys.stderr)
+                    return 2
+                merged[seed], origin[seed] = run, root
+        runs = [merged[seed] for seed in sorted(merged, key=lambda s: int(s.split("_")[1]))]
         if not runs:
             continue
         accs = [d["final"]["test_accuracy"] for d, _ in runs]
@@ -88,10 +112,11 @@ def main(argv=None) -> int:
                     if "update" in qs:
                         angles.setdefault(layer, []).append(qs["update"])
         spread = f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else f"{accs[0]:.2f}"
-        print(f"| {mode_dir.name} | {len(runs)} | {'/'.join(map(str, epochs))} | {spread} | "
-              f"{', '.join(f'{a:.2f}' for a in accs)} | "
-              f"{' / '.join(f'{statistics.mean(v):.1f}' for v in angles.values()) or '-'} | "
-              f"{seed_numbers.get(mode_dir.name, '-')} |")
+        rows.append(f"| {mode} | {len(runs)} | {'/'.join(map(str, epochs))} | {spread} | "
+                    f"{', '.join(f'{a:.2f}' for a in accs)} | "
+                    f"{' / '.join(f'{statistics.mean(v):.1f}' for v in angles.values()) or '-'} | "
+                    f"{seed_numbers.get(mode, '-')} |")
+    print("\n".join(rows))
     return 0
 
 

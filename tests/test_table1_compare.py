@@ -15,15 +15,16 @@ def table1_compare(monkeypatch):
     return table1_compare
 
 
-def experiment(root: Path, dataset, architecture) -> Path:
-    """A finished one-seed grape run of the runner's layout, under a config of ``dataset`` and ``architecture``."""
+def experiment(root: Path, dataset, architecture, mode="grape", seed=0, accuracy=49.14) -> Path:
+    """A finished one-seed run (``mode``, ``seed``) of the runner's layout, under a config of ``dataset`` and
+    ``architecture``."""
     root.mkdir()
     if dataset is not None:
         (root / "config.yaml").write_text(yaml.safe_dump({"data": {"dataset": dataset},
                                                           "model": {"architecture": architecture}}))
-    run = root / "grape" / "seed_0"
+    run = root / mode / f"seed_{seed}"
     run.mkdir(parents=True)
-    (run / "results.json").write_text(json.dumps({"status": "finished", "final": {"test_accuracy": 49.14},
+    (run / "results.json").write_text(json.dumps({"status": "finished", "final": {"test_accuracy": accuracy},
                                                   "history": [{}] * 20}))
     return root
 
@@ -51,3 +52,27 @@ def test_without_a_config_the_column_must_be_named(table1_compare, tmp_path, cap
     assert "pass --column" in capsys.readouterr().err
     assert table1_compare.main([str(root), "--column", "cifar10_mlp"]) == 0
     assert capsys.readouterr().out.strip().endswith("| 52.8 |")
+
+
+def test_several_experiments_are_merged_by_mode(table1_compare, tmp_path, capsys):
+    roots = [experiment(tmp_path / "dfa0", "cifar10", "cnn", "dfa", 0, 60.0),
+             experiment(tmp_path / "grape0", "cifar10", "cnn", "grape", 0, 62.0),
+             experiment(tmp_path / "grape1", "cifar10", "cnn", "grape", 1, 64.0)]
+    assert table1_compare.main([str(r) for r in roots]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[2:]
+    assert rows == ["| dfa | 1 | 20 | 60.00 | 60.00 | - | 69.34 |",
+                    "| grape | 2 | 20 | 63.00 ± 1.41 | 62.00, 64.00 | - | 72.07 |"]
+
+
+def test_a_mode_and_seed_found_in_two_experiments_is_refused(table1_compare, tmp_path, capsys):
+    roots = [experiment(tmp_path / "a", "cifar10", "cnn"), experiment(tmp_path / "b", "cifar10", "cnn")]
+    assert table1_compare.main([str(r) for r in roots]) == 2
+    captured = capsys.readouterr()
+    assert "grape/seed_0 is in both" in captured.err and captured.out == ""
+
+
+def test_experiments_of_different_columns_are_refused(table1_compare, tmp_path, capsys):
+    roots = [experiment(tmp_path / "a", "cifar10", "cnn"), experiment(tmp_path / "b", "cifar10", "mlp", "dfa")]
+    assert table1_compare.main([str(r) for r in roots]) == 2
+    captured = capsys.readouterr()
+    assert "different Table 1 settings" in captured.err and "cifar10_mlp" in captured.err and captured.out == ""
