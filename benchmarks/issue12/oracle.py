@@ -8,7 +8,9 @@ perfect and instant; it cheats, with one backprop pass per step to measure ``g_l
 auto). The fit is a running one: ``S_ee`` and ``S_eg`` (the error's Gram matrix and its cross-products with the true
 gradients) decay by ``--beta`` per step, and ``B* = (S_ee + ridge I)^-1 S_eg``. Prints the train loss, test accuracy
 and, per layer, the cosine between ``e B`` and the true gradient over each batch (measured before the batch enters the
-fit: held out).
+fit: held out). ``--ceiling`` keeps the same running fit beside any feedback without setting ``B`` to it, and prints
+per layer the held-out cosine of the fitted ``e B*`` too: how close the best fixed linear map of the error could be to
+the true gradient at that point of the run, the ceiling of DFA's and GrAPE's cosines.
 
     BIO_EXT_CIFAR10_ROOT=<pickles> python benchmarks/issue12/oracle.py --width 4 --n 6400 --epochs 8 --feedback oracle
 """
@@ -43,6 +45,7 @@ p.add_argument("--ridge", type=float, default=1e-3)
 p.add_argument("--freeze-after", type=int, default=0, help="oracle: stop refitting after this many steps (0: never)")
 p.add_argument("--ntest", type=int, default=1000)
 p.add_argument("--options", default="{}")
+p.add_argument("--ceiling", action="store_true", help="also print the held-out cosine of the running least-squares fit")
 a = p.parse_args()
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 
@@ -76,6 +79,7 @@ for name, mod in plain.named_modules():
 S_ee = None  # the running fit's sums (--feedback oracle), created at the first error
 S_eg = {}
 cos_sum, cos_n = {}, 0
+ceil_sum = {}
 
 
 def true_gradients(x, y):
@@ -85,6 +89,11 @@ def true_gradients(x, y):
     names = list(captured)
     grads = torch.autograd.grad(F.cross_entropy(out, y), [out] + [captured[n] for n in names])
     return grads[0].detach(), dict(zip(names, (g.detach() for g in grads[1:])))
+
+
+def batch_cos(p, g):
+    """The cosine between two ``N x K`` tensors flattened over the whole batch."""
+    return float((p * g).sum() / (p.norm() * g.norm()).clamp_min(1e-30))
 
 
 g_gen = torch.Generator().manual_seed(a.seed)
@@ -102,22 +111,25 @@ for ep in range(a.epochs):
             e, grads = true_gradients(x, y)
             n, d = e.shape
             fitting = a.feedback == "oracle" and not (a.freeze_after and step >= a.freeze_after)
+            flat = {}
             for name, g in grads.items():
-                lay = layers[name]
-                fb = lay.feedback
+                fb = layers[name].feedback
                 if g.dim() == 4 and fb.dim() == 4 and fb.shape[-2:] != g.shape[-2:]:  # dense: the padded grid
                     ph, pw = (fb.shape[-2] - g.shape[-2]) // 2, (fb.shape[-1] - g.shape[-1]) // 2
                     g = F.pad(g, (pw, pw, ph, ph))
-                g2 = g.reshape(n, -1)
+                flat[name] = g2 = g.reshape(n, -1)
                 if fb.numel() == d * g2.shape[1]:  # held-out cosine of the current feedback with the truth
-                    pe = e @ fb.reshape(d, -1)
-                    cos = float((pe * g2).sum() / (pe.norm() * g2.norm()).clamp_min(1e-30))
-                    cos_sum[name] = cos_sum.get(name, 0.0) + cos
-                if fitting:
-                    S_eg[name] = a.beta * S_eg.get(name, torch.zeros(d, g2.shape[1])) + e.T @ g2
+                    cos_sum[name] = cos_sum.get(name, 0.0) + batch_cos(e @ fb.reshape(d, -1), g2)
+            if a.ceiling and S_ee is not None:  # the fit of the batches before this one, held out
+                reg = S_ee + a.ridge * S_ee.diagonal().mean() * torch.eye(d)
+                for name, s in S_eg.items():
+                    ceil_sum[name] = ceil_sum.get(name, 0.0) + batch_cos(e @ torch.linalg.solve(reg, s), flat[name])
             cos_n += 1
-            if fitting:
+            if fitting or a.ceiling:
+                for name, g2 in flat.items():
+                    S_eg[name] = a.beta * S_eg.get(name, torch.zeros(d, g2.shape[1])) + e.T @ g2
                 S_ee = a.beta * (torch.zeros(d, d) if S_ee is None else S_ee) + e.T @ e
+            if fitting:
                 reg = S_ee + a.ridge * S_ee.diagonal().mean() * torch.eye(d)
                 with torch.no_grad():
                     for name, s in S_eg.items():
@@ -140,4 +152,7 @@ for ep in range(a.epochs):
     if cos_n:
         cosines = {k: round(v / cos_n, 3) for k, v in cos_sum.items()}
         print("  cos(eB, true g) per layer", json.dumps(cosines), flush=True)
-        cos_sum, cos_n = {}, 0
+        if ceil_sum:
+            print("  cos(eB*, true g) per layer (least-squares fit, held out)",
+                  json.dumps({k: round(v / cos_n, 3) for k, v in ceil_sum.items()}), flush=True)
+        cos_sum, cos_n, ceil_sum = {}, 0, {}
