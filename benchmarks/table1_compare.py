@@ -3,6 +3,7 @@
     python -m bio_ext.benchmark configs/table1_mnist_mlp.yaml --override training.hyperparameters.epochs=5
     python benchmarks/table1_compare.py runs/table1_mnist_mlp [--column mnist_mlp]
     python benchmarks/table1_compare.py runs/table1_cifar10_cnn_dfa_s0 runs/table1_cifar10_cnn_grape_s0  # merged
+    python benchmarks/table1_compare.py runs/a runs/b --plot docs/img/name  # also name_accuracy.png, _alignment.png
 
 The column of the paper's table is read from the experiment's ``config.yaml`` (``data.dataset`` and
 ``model.architecture``); ``--column`` names it where the config does not tell (another dataset or model) and
@@ -47,7 +48,8 @@ def config_column(root: Path) -> Optional[str]:
 
 
 def finished_runs(root: Path, mode: str):
-    """``{seed: (results, alignment)}`` of the finished runs of ``mode`` in the experiment folder ``root``."""
+    """``{seed: (results, alignment, run folder)}`` of the finished runs of ``mode`` in the experiment folder
+    ``root``."""
     runs = {}
     for run in sorted((root / mode).glob("seed_*")):
         res = run / "results.json"
@@ -55,7 +57,7 @@ def finished_runs(root: Path, mode: str):
             data = json.loads(res.read_text())
             if data.get("status") == "finished":
                 al = json.loads((run / "alignment.json").read_text()) if (run / "alignment.json").is_file() else []
-                runs[run.name] = (data, al)
+                runs[run.name] = (data, al, run)
     return runs
 
 
@@ -65,6 +67,9 @@ def main(argv=None) -> int:
                    help="the experiment folder, <output_dir>/<experiment.name>; several are merged by mode")
     p.add_argument("--column", choices=sorted(SEED_TABLE1),
                    help="the paper's column (default: from the experiments' config.yaml)")
+    p.add_argument("--plot", metavar="PREFIX",
+                   help="also draw the runs' test accuracy per epoch and their per-layer update angles, as the runner "
+                        "draws one experiment's, to PREFIX_accuracy.png and PREFIX_alignment.png")
     args = p.parse_args(argv)
     roots = [Path(e) for e in args.experiment]
     for root in roots:
@@ -91,6 +96,7 @@ def main(argv=None) -> int:
     modes = {d.name for root in roots for d in root.iterdir() if d.is_dir()}
     rows = ["| mode | seeds | epochs | test accuracy % (mean ± std) | per seed | update angle per layer (deg) "
             "| seed paper, 100 epochs |", "|---|---:|---:|---:|---|---|---:|"]
+    plotted = []
     for mode in sorted(modes, key=lambda m: (list(seed_numbers).index(m) if m in seed_numbers else 99, m)):
         merged, origin = {}, {}
         for root in roots:
@@ -100,9 +106,10 @@ def main(argv=None) -> int:
                           file=sys.stderr)
                     return 2
                 merged[seed], origin[seed] = run, root
-        runs = [merged[seed] for seed in sorted(merged, key=lambda s: int(s.split("_")[1]))]
+        runs = [merged[seed][:2] for seed in sorted(merged, key=lambda s: int(s.split("_")[1]))]
         if not runs:
             continue
+        plotted += [(mode, seed, run) for seed, run in merged.items()]
         accs = [d["final"]["test_accuracy"] for d, _ in runs]
         epochs = sorted({len(d["history"]) for d, _ in runs})
         angles = {}
@@ -117,7 +124,23 @@ def main(argv=None) -> int:
                     f"{' / '.join(f'{statistics.mean(v):.1f}' for v in angles.values()) or '-'} | "
                     f"{seed_numbers.get(mode, '-')} |")
     print("\n".join(rows))
+    if args.plot:
+        draw(plotted, args.plot, " + ".join(root.name for root in roots))
     return 0
+
+
+def draw(runs, prefix: str, title: str) -> None:
+    """The runner's two figures (:mod:`bio_ext.benchmark.plots`) of ``runs``, ``(mode, seed_<k>, (results,
+    alignment, folder))`` each, to ``<prefix>_accuracy.png`` and ``<prefix>_alignment.png``."""
+    from bio_ext.benchmark.plots import plot_accuracy, plot_alignment
+    from bio_ext.benchmark.results import RunResult
+    results = [RunResult(mode, int(seed.split("_")[1]), folder, data["status"], data["history"], data["final"], al)
+               for mode, seed, (data, al, folder) in runs]
+    for name, plot in (("accuracy", plot_accuracy), ("alignment", plot_alignment)):
+        path = Path(f"{prefix}_{name}.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plot(results, path, title=title)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

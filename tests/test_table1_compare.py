@@ -24,8 +24,9 @@ def experiment(root: Path, dataset, architecture, mode="grape", seed=0, accuracy
                                                           "model": {"architecture": architecture}}))
     run = root / mode / f"seed_{seed}"
     run.mkdir(parents=True)
+    history = [{"epoch": k, "step": 10 * k, "test_accuracy": accuracy - 20 + k} for k in range(1, 21)]
     (run / "results.json").write_text(json.dumps({"status": "finished", "final": {"test_accuracy": accuracy},
-                                                  "history": [{}] * 20}))
+                                                  "history": history}))
     return root
 
 
@@ -76,3 +77,14 @@ def test_experiments_of_different_columns_are_refused(table1_compare, tmp_path, 
     assert table1_compare.main([str(r) for r in roots]) == 2
     captured = capsys.readouterr()
     assert "different Table 1 settings" in captured.err and "cifar10_mlp" in captured.err and captured.out == ""
+
+
+def test_plot_draws_the_merged_runs_figures(table1_compare, tmp_path, capsys):
+    roots = [experiment(tmp_path / "dfa0", "cifar10", "cnn", "dfa", 0, 60.0),
+             experiment(tmp_path / "grape0", "cifar10", "cnn", "grape", 0, 62.0)]
+    prefix = tmp_path / "img" / "column"
+    assert table1_compare.main([str(r) for r in roots] + ["--plot", str(prefix)]) == 0
+    for name in ("accuracy", "alignment"):
+        image = Path(f"{prefix}_{name}.png")
+        assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 5000
+    assert "| grape | 1 | 20 | 62.00 |" in capsys.readouterr().out
