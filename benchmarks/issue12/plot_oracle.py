@@ -1,6 +1,8 @@
 """Plot what ``oracle.py`` printed: test accuracy by epoch, and the cosine between each layer's projected error and the
 true gradient (mean over the convolutions, and the last hidden Linear's input). Runs that differ only in ``--seed``
-are one line (their mean; the band spans their lowest and highest), labelled with the number of seeds.
+are one line (their mean; the band spans their lowest and highest), labelled with the number of seeds; of each such
+group only the runs with the most epochs are drawn (the finished ones). Runs made with ``--ceiling`` add the held-out
+cosine of the least-squares fit, dashed, in their colour.
 
     python benchmarks/issue12/plot_oracle.py OUT.png LOG [LOG ...]   # a LOG holds one or more runs ("=== " headers)
 """
@@ -35,20 +37,22 @@ def pretty(label: str) -> str:
 
 
 def runs(path):
-    """{label without the seed: [(test acc by epoch, mean conv cosine by epoch, classifier.3 cosine by epoch)]}."""
+    """{label without the seed: [(test acc by epoch, mean conv cosine by epoch, classifier.3 cosine by epoch, and the
+    same two of the least-squares fit where the run printed them)]}."""
     out, cur = {}, None
     for line in open(path):
         if line.startswith("=== "):
             label = pretty(re.sub(r"\s*--seed \d+", "", line[4:].strip()))
-            cur = ([], [], [])
+            cur = ([], [], [], [], [])
             out.setdefault(label, []).append(cur)
         elif line.startswith("EPOCH") and cur is not None:
             cur[0].append(float(re.search(r"test_acc ([\d.]+)", line).group(1)))
         elif line.strip().startswith("cos(eB") and cur is not None:
-            cos = json.loads(line.split("layer", 1)[1])
+            cos = json.loads(line[line.index("{"):])
             conv = [v for k, v in cos.items() if k.startswith("features")]
-            cur[1].append(sum(conv) / len(conv) if conv else float("nan"))
-            cur[2].append(cos.get("classifier.3", float("nan")))
+            at = 3 if line.strip().startswith("cos(eB*") else 1  # the least-squares fit's (--ceiling)
+            cur[at].append(sum(conv) / len(conv) if conv else float("nan"))
+            cur[at + 1].append(cos.get("classifier.3", float("nan")))
     return out
 
 
@@ -56,7 +60,9 @@ def main(out_png, *logs):
     groups = {}
     for path in logs:
         for label, rs in runs(path).items():
-            groups.setdefault(label, []).extend(r for r in rs if len(r[0]) == 8)  # finished runs only
+            groups.setdefault(label, []).extend(rs)
+    for label, rs in groups.items():  # finished runs only: those with the most epochs
+        groups[label] = [r for r in rs if len(r[0]) == max(len(q[0]) for q in rs)]
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, rs) in enumerate(sorted((k, v) for k, v in groups.items() if v)):
@@ -66,6 +72,9 @@ def main(out_png, *logs):
             if not series:
                 continue
             mean_band(ax, series, colour, label, alpha=0.12)
+            fits = [r[k + 2] for r in rs if k and r[k + 2]]
+            if fits:
+                mean_band(ax, fits, colour, None, alpha=0.06, linestyle="--")
     axes[0].set(xlabel="epoch (100 steps)", ylabel="test accuracy % (1,000 images)",
                 title="VGG-16/4, CIFAR-10 (6,400 images), Adam 1e-4")
     axes[1].set(xlabel="epoch", ylabel="cosine", title="cos(e B, true gradient), mean over the 12 convolutions")
