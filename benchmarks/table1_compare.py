@@ -125,7 +125,7 @@ def main(argv=None) -> int:
                     f"{seed_numbers.get(mode, '-')} |")
     print("\n".join(rows))
     if args.plot:
-        draw(plotted, args.plot, " + ".join(root.name for root in roots))
+        draw(plotted, args.plot, roots[0].name if len(roots) == 1 else f"{args.column or column}, {len(roots)} folders")
     return 0
 
 
