@@ -11,9 +11,9 @@ is refused where it contradicts the config, so a CIFAR-10 run is never printed b
 
 Reads ``<experiment>/<mode>/seed_<k>/results.json`` and ``alignment.json`` (written by the runner) of one experiment
 or of several, merged by mode (a column run piece by piece, one process per mode or seed, each in a folder of its own;
-they must be the same column, and a mode's seed found twice is refused), and prints, per mode: final test accuracy (mean ± sample std over the seeds found, and each seed),
-the per-layer angle between the mode's weight update and the backprop gradient at the last probe
-(mean over seeds), and the seed paper's number for that mode (100 epochs).
+they must be the same column, and a mode's seed found twice is refused), and prints, per mode: final test accuracy
+(mean ± sample std over the seeds found, and each seed), the per-layer angle between the mode's weight update and the
+backprop gradient at the last probe (mean over seeds), and the seed paper's number for that mode (100 epochs).
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def main(out_png, *logs):
             if fits:
                 mean_band(ax, fits, colour, None, alpha=0.06, linestyle="--")
     if any(r[3] for rs in groups.values() for r in rs):  # a legend entry for the dashed lines
-        axes[0].plot([], [], color="grey", linestyle="--", label="dashed: the least-squares fit's (--ceiling), held out")
+        axes[0].plot([], [], color="grey", linestyle="--", label="dashed: the least-squares fit (--ceiling), held out")
     axes[0].set(xlabel="epoch (100 steps)", ylabel="test accuracy % (1,000 images)",
                 title="VGG-16/4, CIFAR-10 (6,400 images), Adam 1e-4")
     axes[1].set(xlabel="epoch", ylabel="cosine", title="cos(e B, true gradient), mean over the 12 convolutions")
