@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from bio_ext.benchmark.results import read_alignment  # the runner's own reader of alignment.json
 from bio_ext.benchmark.yamlio import yaml_load  # how the runner's config files are read
 
 # GrAPE seed paper, Table 1 (test accuracy %, 100 epochs, Adam 1e-4 x0.95/epoch, batch 256)
@@ -49,15 +50,14 @@ def config_column(root: Path) -> Optional[str]:
 
 def finished_runs(root: Path, mode: str):
     """``{seed: (results, alignment, run folder)}`` of the finished runs of ``mode`` in the experiment folder
-    ``root``."""
+    ``root`` (``seed``: the k of ``seed_<k>``)."""
     runs = {}
-    for run in sorted((root / mode).glob("seed_*")):
+    for run in (root / mode).glob("seed_*"):
         res = run / "results.json"
         if res.is_file():
             data = json.loads(res.read_text())
             if data.get("status") == "finished":
-                al = json.loads((run / "alignment.json").read_text()) if (run / "alignment.json").is_file() else []
-                runs[run.name] = (data, al, run)
+                runs[int(run.name.split("_")[1])] = (data, read_alignment(run), run)
     return runs
 
 
@@ -102,11 +102,11 @@ def main(argv=None) -> int:
         for root in roots:
             for seed, run in finished_runs(root, mode).items():
                 if seed in merged:
-                    print(f"error: {mode}/{seed} is in both {origin[seed]} and {root}: pass one of them",
+                    print(f"error: {mode}/seed_{seed} is in both {origin[seed]} and {root}: pass one of them",
                           file=sys.stderr)
                     return 2
                 merged[seed], origin[seed] = run, root
-        runs = [merged[seed][:2] for seed in sorted(merged, key=lambda s: int(s.split("_")[1]))]
+        runs = [merged[seed][:2] for seed in sorted(merged)]
         if not runs:
             continue
         plotted += [(mode, seed, run) for seed, run in merged.items()]
@@ -130,11 +130,11 @@ def main(argv=None) -> int:
 
 
 def draw(runs, prefix: str, title: str) -> None:
-    """The runner's two figures (:mod:`bio_ext.benchmark.plots`) of ``runs``, ``(mode, seed_<k>, (results,
-    alignment, folder))`` each, to ``<prefix>_accuracy.png`` and ``<prefix>_alignment.png``."""
+    """The runner's two figures (:mod:`bio_ext.benchmark.plots`) of ``runs``, ``(mode, seed, (results, alignment,
+    folder))`` each, to ``<prefix>_accuracy.png`` and ``<prefix>_alignment.png``."""
     from bio_ext.benchmark.plots import plot_accuracy, plot_alignment
     from bio_ext.benchmark.results import RunResult
-    results = [RunResult(mode, int(seed.split("_")[1]), folder, data["status"], data["history"], data["final"], al)
+    results = [RunResult(mode, seed, folder, data["status"], data["history"], data["final"], al)
                for mode, seed, (data, al, folder) in runs]
     for name, plot in (("accuracy", plot_accuracy), ("alignment", plot_alignment)):
         path = Path(f"{prefix}_{name}.png")

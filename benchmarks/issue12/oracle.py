@@ -91,6 +91,12 @@ def true_gradients(x, y):
     return grads[0].detach(), dict(zip(names, (g.detach() for g in grads[1:])))
 
 
+def least_squares(s_ee, s_eg):
+    """``B* = (S_ee + ridge I)^-1 S_eg`` of the running sums, the ridge scaled to ``S_ee``'s mean diagonal."""
+    d = s_ee.shape[0]
+    return torch.linalg.solve(s_ee + a.ridge * s_ee.diagonal().mean() * torch.eye(d), s_eg)
+
+
 def batch_cos(p, g):
     """The cosine between two ``N x K`` tensors flattened over the whole batch."""
     return float((p * g).sum() / (p.norm() * g.norm()).clamp_min(1e-30))
@@ -121,21 +127,19 @@ for ep in range(a.epochs):
                 if fb.numel() == d * g2.shape[1]:  # held-out cosine of the current feedback with the truth
                     cos_sum[name] = cos_sum.get(name, 0.0) + batch_cos(e @ fb.reshape(d, -1), g2)
             if a.ceiling and S_ee is not None:  # the fit of the batches before this one, held out
-                reg = S_ee + a.ridge * S_ee.diagonal().mean() * torch.eye(d)
                 for name, s in S_eg.items():
-                    ceil_sum[name] = ceil_sum.get(name, 0.0) + batch_cos(e @ torch.linalg.solve(reg, s), flat[name])
+                    ceil_sum[name] = ceil_sum.get(name, 0.0) + batch_cos(e @ least_squares(S_ee, s), flat[name])
             cos_n += 1
             if fitting or a.ceiling:
                 for name, g2 in flat.items():
                     S_eg[name] = a.beta * S_eg.get(name, torch.zeros(d, g2.shape[1])) + e.T @ g2
                 S_ee = a.beta * (torch.zeros(d, d) if S_ee is None else S_ee) + e.T @ e
             if fitting:
-                reg = S_ee + a.ridge * S_ee.diagonal().mean() * torch.eye(d)
                 with torch.no_grad():
                     for name, s in S_eg.items():
                         fb = layers[name].feedback
                         if fb.numel() == s.numel():
-                            bstar = torch.linalg.solve(reg, s)
+                            bstar = least_squares(S_ee, s)
                             fb.copy_((bstar * (fb.norm() / bstar.norm().clamp_min(1e-30))).reshape(fb.shape))
         out = model(x)
         loss = F.cross_entropy(out, y)

@@ -94,7 +94,7 @@ def main(argv=None):
     for mode in sorted({r.mode for r in runs}):
         colour = colours.get(mode) or next(extra, None)
         for k, ax in enumerate(axes):
-            series = [r[2 + k] for r in runs if r.mode == mode and r[2 + k]]  # k 0: r.acc, 1: r.loss
+            series = [(r.acc, r.loss)[k] for r in runs if r.mode == mode and (r.acc, r.loss)[k]]
             if not series:
                 continue
             label = "backprop" if mode == "bp" else mode if "kernel" in mode else f"{mode}, dense"

@@ -62,7 +62,8 @@ def main(out_png, *logs):
         for label, rs in runs(path).items():
             groups.setdefault(label, []).extend(rs)
     for label, rs in groups.items():  # finished runs only: those with the most epochs
-        groups[label] = [r for r in rs if len(r[0]) == max(len(q[0]) for q in rs)]
+        longest = max(len(r[0]) for r in rs)
+        groups[label] = [r for r in rs if len(r[0]) == longest]
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, rs) in enumerate(sorted((k, v) for k, v in groups.items() if v)):
